@@ -1,0 +1,75 @@
+"""Parameter and FLOPs accounting (DESIGN.md section 1).
+
+Matmul FLOPs per token per block = 2 x (block weight count) + attention 4 x context x q_dim
+(QK^T and AV). A token that skips a block saves all of it except, under kv_policy "compute",
+its k/v projections (2 x 2 x hidden x kv_dim), and it always pays its router (2 x hidden).
+Total forward FLOPs add the lm_head (2 x hidden x vocab per token). LoRA is counted merged into
+the frozen weights (as the inference path runs it), so it adds no FLOPs here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import BackboneConfig, LayerRouteConfig
+
+
+def count_parameters(backbone: BackboneConfig, lr: LayerRouteConfig) -> dict[str, int]:
+    """Parameter counts: routers, lora, trainable (their sum) and the frozen backbone."""
+    shapes = backbone.linear_shapes()
+    layers = backbone.num_hidden_layers
+    d, v = backbone.hidden_size, backbone.vocab_size
+    routers = layers * (d + 1)
+    lora = layers * sum(lr.rank * (shapes[t][0] + shapes[t][1]) for t in lr.targets)
+    # Linear weights, q/k/v biases and the two RMSNorm weights.
+    block = sum(o * i for o, i in shapes.values()) + backbone.q_dim + 2 * backbone.kv_dim + 2 * d
+    backbone_total = layers * block + v * d + d + (0 if backbone.tie_word_embeddings else v * d)
+    return {"routers": routers, "lora": lora, "trainable": routers + lora, "backbone": backbone_total}
+
+
+@dataclass
+class FlopsReport:
+    block_flops: float          # matmul FLOPs of all blocks if every token ran every block
+    block_flops_run: float      # what ran (including routers and kept k/v projections)
+    total_flops: float          # block_flops + lm_head (+ routers), dense
+    total_flops_run: float
+
+    @property
+    def block_skipped_pct(self) -> float:
+        return 100.0 * (1.0 - self.block_flops_run / self.block_flops) if self.block_flops else 0.0
+
+    @property
+    def total_skipped_pct(self) -> float:
+        return 100.0 * (1.0 - self.total_flops_run / self.total_flops) if self.total_flops else 0.0
+
+
+def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch.Tensor,
+                 context: torch.Tensor, valid: torch.Tensor | None = None) -> FlopsReport:
+    """FLOPs of a forward pass given its decisions.
+
+    executed [L, B, T] bool: token (b, t) ran block l. context [B, T]: how many keys the token
+    attends to (its position + 1 for a causal model; under "drop" we still count the dense
+    context, an upper bound on what a skipped token would have cost). valid [B, T]: real tokens
+    (padding costs nothing); default all.
+    """
+    shapes = backbone.linear_shapes()
+    d = backbone.hidden_size
+    weights = sum(o * i for o, i in shapes.values())
+    valid = torch.ones_like(context, dtype=torch.bool) if valid is None else valid.bool()
+    n_tokens = float(valid.sum())
+    ctx = float((context.double() * valid).sum())
+    layers = backbone.num_hidden_layers
+    per_block_dense = 2.0 * weights * n_tokens + 4.0 * backbone.q_dim * ctx
+    router = 2.0 * d * n_tokens * layers
+    kv_proj = 2.0 * 2 * d * backbone.kv_dim
+    ran = executed.bool() & valid[None]
+    ran_tokens = float(ran.sum())
+    ran_ctx = float((context.double()[None] * ran).sum())
+    skipped_tokens = layers * n_tokens - ran_tokens
+    block_run = 2.0 * weights * ran_tokens + 4.0 * backbone.q_dim * ran_ctx + router
+    if lr.kv_policy == "compute":
+        block_run += kv_proj * skipped_tokens
+    head = 2.0 * d * backbone.vocab_size * n_tokens
+    block_dense = per_block_dense * layers
+    return FlopsReport(block_dense, block_run, block_dense + head, block_run + head)

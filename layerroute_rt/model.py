@@ -1,0 +1,503 @@
+"""The LayerRoute model: a frozen Qwen2 decoder whose blocks each get a router and LoRA adapters.
+
+Two forward paths over the same modules, read top to bottom:
+
+* `train_forward`: the autograd path. Every token computes every block (the gradient needs it)
+  and a straight-through hard gate mixes the result in: g = 1[p >= tau] + p - p.detach(),
+  h_out = h + g * (block(h) - h). So the forward value is exactly what inference runs.
+* `forward` (what `model(input_ids)` calls): the reference inference path in plain torch with
+  real skipping. Per block, only the executing tokens are gathered and fed to q_proj, attention,
+  o_proj and the MLP; their outputs are scattered back. Under kv_policy "compute" a skipping token
+  still writes its K/V (input norm, k_proj, v_proj, RoPE); under "drop" it is absent from that
+  layer's keys. A static preallocated `KVCache` makes prefill + incremental decode equal the full
+  forward. This path may synchronise with the host (it is the oracle, not the fast path).
+
+Tensor names follow Hugging Face Qwen2 (`model.layers.3.self_attn.q_proj.weight`), so a checkpoint
+loads with one `load_state_dict(assign=True)`. The trainable parameters, kept in float32 whatever
+the backbone dtype, are `model.layers.{i}.router.{weight,bias}` and `...{proj}.lora_{A,B}`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .config import BackboneConfig, LayerRouteConfig, check_tau
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 if it is float64: the precision norms, routers and losses use."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32 (float64 for a float64 model), cast back, then scale
+    (the order HF uses)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _at_least_fp32(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer, optionally with a LoRA adapter: y = x W^T + b + s (x A^T) B^T.
+
+    A [rank, in] and B [out, rank] are float32 trainable parameters; B starts at zero so that an
+    untrained adapter changes nothing. `merge()` folds s B A into W for inference.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int | None, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.scale = scale
+        if rank is None:
+            self.lora_A = self.lora_B = None
+        else:
+            self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
+            self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32))
+
+    def reset_adapter(self) -> None:
+        if self.lora_A is not None:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's choice
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y
+
+
+class Block(nn.Module):
+    """One Qwen2 decoder block plus its router (Linear(hidden, 1) on the block's input residual)."""
+
+    def __init__(self, cfg: BackboneConfig, lr: LayerRouteConfig):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        shapes = cfg.linear_shapes()
+
+        def proj(name, bias):
+            out_f, in_f = shapes[name]
+            return LoRALinear(in_f, out_f, bias, lr.rank if name in lr.targets else None, lr.scale)
+
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self.self_attn, name, proj(name, bias=True))
+        self.self_attn.o_proj = proj("o_proj", bias=False)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.mlp = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.mlp, name, proj(name, bias=False))
+        self.router = nn.Linear(d, 1, dtype=torch.float32)
+
+    def lora_layers(self) -> list[LoRALinear]:
+        mods = [self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj,
+                self.self_attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj]
+        return [m for m in mods if m.lora_A is not None]
+
+    def route_prob(self, h: torch.Tensor) -> torch.Tensor:
+        """p = sigmoid(w . h + b) for every row of h [..., hidden] -> [...], in float32 at least
+        (a bf16 router would flip decisions near tau)."""
+        h = _at_least_fp32(h)
+        return torch.sigmoid(F.linear(h, self.router.weight.to(h.dtype),
+                                      self.router.bias.to(h.dtype))).squeeze(-1)
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.down_proj(F.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+
+
+class Backbone(nn.Module):
+    """Named like transformers' Qwen2Model so HF tensor names load as they are."""
+
+    def __init__(self, cfg: BackboneConfig, lr: LayerRouteConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, lr) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [..., head_dim] for integer positions [...], computed in float32 as HF does."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=torch.int64).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, head_dim]; cos/sin [..., head_dim] broadcast over the heads."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+class KVCache:
+    """A static, preallocated cache of K and V per layer, with per-layer key validity.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim]. Slot s of sequence b holds the s-th token
+    fed to the model (padding included). valid[l, b, s] says whether layer l may attend to it:
+    False for padding, and under kv_policy "drop" for a token that skipped layer l.
+    seen[b] counts the real tokens of sequence b so far (the next RoPE position).
+    seq_exec[l, b] holds the per-sequence decisions of `sequence` granularity, fixed at prefill.
+    """
+
+    def __init__(self, cfg: BackboneConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.seq_exec: torch.Tensor | None = None
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainOutput:
+    logits: torch.Tensor        # [B, T, vocab]
+    loss: torch.Tensor | None   # ce + gate_lambda * gate_loss (None without labels)
+    ce: torch.Tensor | None     # next-token cross entropy over the loss mask
+    gate_loss: torch.Tensor     # mean(p), or (mean(p) - target_rate)^2
+    probs: torch.Tensor         # router probabilities [L, B, T] (sequence: broadcast over T)
+    executed: torch.Tensor      # hard decisions [L, B, T] bool (padding: False)
+
+
+class LayerRouteModel(nn.Module):
+    def __init__(self, cfg: BackboneConfig, lr: LayerRouteConfig):
+        super().__init__()
+        self.config = cfg
+        self.lr_config = lr
+        self.model = Backbone(cfg, lr)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (routers and LoRA), by name."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def reset_adapter(self, seed: int | None = None) -> None:
+        """Fresh routers (weight 0, bias router_init_bias: p starts near 1) and LoRA (B = 0)."""
+        gen_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        for block in self.blocks:
+            nn.init.zeros_(block.router.weight)
+            nn.init.constant_(block.router.bias, self.lr_config.router_init_bias)
+            for m in block.lora_layers():
+                m.reset_adapter()
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+
+    def save_adapter(self, path) -> None:
+        """Save routers + LoRA and both configs to the directory `path` (atomically)."""
+        checkpoint.save_adapter(path, self.adapter_state_dict(), self.lr_config.to_dict(),
+                                self.config.to_dict())
+
+    def load_adapter(self, path) -> None:
+        """Load routers + LoRA saved by `save_adapter` (shapes and names checked)."""
+        checkpoint.read_adapter_config(path, self.config)
+        expected = {n: tuple(p.shape) for n, p in self.adapter_state_dict().items()}
+        tensors = checkpoint.load_adapter_tensors(path, expected)
+        with torch.no_grad():
+            for name, p in self.adapter_state_dict().items():
+                p.copy_(tensors[name])
+
+    def export_peft(self, path, base_model: str | None = None) -> None:
+        """Write the LoRA part as a PEFT adapter that transformers + peft load (no routers)."""
+        lora = {n: p for n, p in self.adapter_state_dict().items() if ".lora_" in n}
+        lr = self.lr_config
+        checkpoint.export_peft(path, lora, lr.rank, lr.alpha, lr.targets, base_model)
+
+    # -- shared pieces ------------------------------------------------------------------------
+
+    def _tau(self, tau: float | None) -> float:
+        return self.lr_config.tau if tau is None else check_tau(tau)
+
+    def _skip_set(self, skip_layers) -> frozenset[int]:
+        if skip_layers is None:
+            return frozenset()
+        n = self.config.num_hidden_layers
+        bad = [i for i in skip_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad:
+            raise ValueError(f"skip_layers: block indices must be integers in [0, {n}), got {bad}")
+        return frozenset(skip_layers)
+
+    def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int32, torch.int64):
+            raise ValueError("input_ids must be an integer tensor of shape [batch, seq_len], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids))} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: seq_len must be >= 1")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        return attention_mask.bool()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(h), self.head_weight())
+
+    # -- training path ------------------------------------------------------------------------
+
+    def train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                      route_mask: torch.Tensor | None = None, tau: float | None = None,
+                      skip_layers=None) -> TrainOutput:
+        """Autograd path: every token computes every block; straight-through hard gates.
+
+        labels [B, T]: the next-token targets are labels[:, 1:] for logits[:, :-1]; loss_mask
+        [B, T] marks the label positions that count (the step's own tokens; default: all
+        attended). route_mask [B, T] marks the tokens whose mean feeds a `sequence` router and
+        whose p counts in the gate term (default: attention_mask).
+        """
+        cfg, lr = self.config, self.lr_config
+        tau, skip = self._tau(tau), self._skip_set(skip_layers)
+        valid = self._check_ids(input_ids, attention_mask)
+        route = valid if route_mask is None else (route_mask.bool() & valid)
+        B, T = input_ids.shape
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=h.device)
+        route_f = route.float()
+        probs, executed = [], []
+        for i, block in enumerate(self.blocks):
+            if lr.granularity == "token":
+                p = block.route_prob(h)                                         # [B, T]
+            else:
+                mean = (_at_least_fp32(h) * route_f[..., None]).sum(1) / route_f.sum(1, keepdim=True).clamp(min=1)
+                p = block.route_prob(mean)[:, None].expand(B, T)                # [B, T]
+            hard = (p >= tau) & valid & (i not in skip)
+            keys = valid if lr.kv_policy == "compute" else hard
+            mask = causal & (keys[:, None, :] | eye)                            # [B, Tq, Tk]
+            out = self._block_dense(block, h, cos, sin, mask)
+            g = straight_through(p, hard)
+            h = h + g[..., None].to(h.dtype) * (out - h)
+            probs.append(p)
+            executed.append(hard)
+        logits = self._logits(h)
+        probs_t, executed_t = torch.stack(probs), torch.stack(executed)
+        n_route = route_f.sum().clamp(min=1) * len(self.blocks)
+        mean_p = (probs_t * route_f).sum() / n_route
+        gate_loss = mean_p if lr.target_rate is None else (mean_p - lr.target_rate) ** 2
+        ce = loss = None
+        if labels is not None:
+            lmask = valid if loss_mask is None else (loss_mask.bool() & valid)
+            tgt_mask = lmask[:, 1:] & valid[:, :-1]
+            ce_tok = F.cross_entropy(_at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1]),
+                                     labels[:, 1:].reshape(-1), reduction="none")
+            ce = (ce_tok * tgt_mask.reshape(-1)).sum() / tgt_mask.sum().clamp(min=1)
+            loss = ce + lr.gate_lambda * gate_loss
+        return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t)
+
+    def _block_dense(self, block: Block, h, cos, sin, mask) -> torch.Tensor:
+        """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom."""
+        cfg = self.config
+        B, T, _ = h.shape
+        x = block.input_layernorm(h)
+        attn = block.self_attn
+        q = apply_rope(attn.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = attn.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        o = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None])
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, cfg.q_dim))
+        return h + block.mlp_forward(block.post_attention_layernorm(h))
+
+    # -- reference inference path -------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, tau: float | None = None, skip_layers=None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_executed: bool = False):
+        """Logits [B, T, vocab] with real skipping (gather the executing rows, run, scatter back).
+
+        With a `cache`, the tokens are appended after those already cached (prefill, then one
+        or more tokens per decode call); without one, a temporary cache holds just this call.
+        attention_mask [B, T] marks real tokens (False: padding, e.g. left padding of a batch).
+        With return_executed, also returns the decisions [L, B, T] (bool; padding False).
+        """
+        cfg, lr = self.config, self.lr_config
+        tau, skip = self._tau(tau), self._skip_set(skip_layers)
+        valid = self._check_ids(input_ids, attention_mask)
+        B, T = input_ids.shape
+        h = self.model.embed_tokens(input_ids)
+        if cache is None:
+            cache = KVCache(cfg, B, T, h.dtype, h.device)
+        if cache.batch_size != B:
+            raise ValueError(f"cache: built for batch {cache.batch_size}, called with batch {B}")
+        if cache.length + T > cache.max_len:
+            raise ValueError(f"cache: {cache.length} cached + {T} new tokens exceed max_len {cache.max_len}")
+        if lr.granularity == "sequence" and cache.seq_exec is None:
+            cache.seq_exec = torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=h.device)
+            decide_sequences = True
+        else:
+            decide_sequences = False
+        start = cache.length
+        slots = torch.arange(start, start + T, device=h.device)
+        positions = cache.seen[:, None] + valid.long().cumsum(1) - 1                  # [B, T]
+        cos, sin = rope_cos_sin(positions.clamp(min=0), cfg.head_dim, cfg.rope_theta, h.dtype)
+        cache.valid[:, :, start:start + T] = False
+
+        flat = h.reshape(B * T, -1)
+        cos, sin, valid_f = cos.reshape(B * T, -1), sin.reshape(B * T, -1), valid.reshape(-1)
+        batch_of = torch.arange(B, device=h.device).repeat_interleave(T)
+        slot_of = slots.repeat(B)
+        executed = []
+        for i, block in enumerate(self.blocks):
+            if lr.granularity == "token":
+                run = (block.route_prob(flat) >= tau) & valid_f
+            else:
+                if decide_sequences:
+                    vf = valid.float()
+                    mean = (_at_least_fp32(h) * vf[..., None]).sum(1) / vf.sum(1, keepdim=True).clamp(min=1)
+                    cache.seq_exec[i] = block.route_prob(mean) >= tau
+                run = cache.seq_exec[i][batch_of] & valid_f
+            if i in skip:
+                run = torch.zeros_like(run)
+            executed.append(run.view(B, T))
+            rows = run.nonzero().squeeze(1)                                            # gather list
+            kv_rows = valid_f.nonzero().squeeze(1) if lr.kv_policy == "compute" else rows
+            flat = self._block_rows(i, block, flat, rows, kv_rows, cos, sin, batch_of, slot_of,
+                                    cache, end=start + T)
+            h = flat.view(B, T, -1)
+        cache.length += T
+        cache.seen += valid.long().sum(1)
+        logits = self._logits(flat.view(B, T, -1))
+        return (logits, torch.stack(executed)) if return_executed else logits
+
+    def _block_rows(self, i, block, flat, rows, kv_rows, cos, sin, batch_of, slot_of, cache, end):
+        """Block i on the listed rows only; kv_rows (all real rows under "compute", else the
+        same rows) write K/V. Queries see cache slots [0, end) that are valid and not later."""
+        cfg, attn = self.config, block.self_attn
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x_kv = block.input_layernorm(flat[kv_rows])
+        k = apply_rope(attn.k_proj(x_kv).view(-1, nkv, hd), cos[kv_rows], sin[kv_rows])
+        v = attn.v_proj(x_kv).view(-1, nkv, hd)
+        b_kv, s_kv = batch_of[kv_rows], slot_of[kv_rows]
+        cache.k[i, b_kv, s_kv] = k
+        cache.v[i, b_kv, s_kv] = v
+        cache.valid[i, b_kv, s_kv] = True
+        if rows.numel() == 0:
+            return flat
+        x = x_kv if rows is kv_rows else block.input_layernorm(flat[rows])
+        q = apply_rope(attn.q_proj(x).view(-1, nh, hd), cos[rows], sin[rows])
+        b_q, s_q = batch_of[rows], slot_of[rows]
+        o = torch.empty_like(q)
+        for b in b_q.unique().tolist():                        # one attention call per sequence
+            sel = (b_q == b).nonzero().squeeze(1)
+            keys = cache.valid[i, b, :end][None, :] & (torch.arange(end, device=q.device)[None, :]
+                                                       <= s_q[sel][:, None])
+            kb, vb = cache.k[i, b, :end].transpose(0, 1), cache.v[i, b, :end].transpose(0, 1)
+            o[sel] = _attention(q[sel].transpose(0, 1)[None], kb[None], vb[None],
+                                keys[None, None])[0].transpose(0, 1)
+        h = flat[rows] + attn.o_proj(o.reshape(-1, cfg.q_dim))
+        h = h + block.mlp_forward(block.post_attention_layernorm(h))
+        return flat.index_copy(0, rows, h)                      # scatter back
+
+
+def straight_through(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The gate g = 1[decision] + p - stop_grad(p): its value is the hard decision, its gradient
+    that of p. With h_out = h + g (out - h): dL/dp = sum((out - h) * dL/dh_out)."""
+    return hard.to(p.dtype) + p - p.detach()
+
+
+def _attention(q, k, v, mask):
+    """Grouped-query attention. q [B, H, Tq, hd], k/v [B, Hkv, Tk, hd], mask broadcast to
+    [B, H, Tq, Tk] (True: attend)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
+         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LayerRouteModel:
+    """Load a Hugging Face Qwen2 checkpoint directory as a frozen LayerRoute backbone.
+
+    The module is built on the meta device and the checkpoint's tensors are assigned into it, read
+    one at a time from the memory-mapped files (no full-precision copy of the model). Routers and
+    LoRA (float32) are fresh (dense start, B = 0) unless `adapter` names a directory written by
+    `save_adapter`. With both `adapter` and `config`, they must agree on rank, alpha and targets;
+    the other fields of `config` (tau, granularity, kv_policy, ...) then apply.
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"load: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    if config is not None and not isinstance(config, LayerRouteConfig):
+        raise TypeError(f"load: config must be a LayerRouteConfig, got {type(config).__name__}")
+    cfg = checkpoint.read_backbone_config(backbone_dir)
+    if adapter is not None:
+        stored = LayerRouteConfig.from_dict(checkpoint.read_adapter_config(adapter, cfg),
+                                            source=f"{adapter}/{checkpoint.ADAPTER_CONFIG_FILE}")
+        if config is None:
+            config = stored
+        else:
+            diff = [f"{k}: adapter {getattr(stored, k)!r}, config {getattr(config, k)!r}"
+                    for k in ("rank", "alpha", "targets") if getattr(stored, k) != getattr(config, k)]
+            if diff:
+                raise ValueError(f"load: config does not match the adapter in {adapter} ({'; '.join(diff)})")
+    config = config or LayerRouteConfig()
+    with torch.device("meta"):
+        model = LayerRouteModel(cfg, config)
+    expected = checkpoint.expected_backbone_shapes(cfg)
+    tensors = checkpoint.load_backbone_tensors(backbone_dir, expected, dtype, device,
+                                               cfg.tie_word_embeddings)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    # Materialise the trainable parameters (still on meta) in float32 on the device.
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            assert p.requires_grad, f"backbone tensor {name} was not loaded"
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr,
+                    nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device=device)))
+    model.reset_adapter()
+    if adapter is not None:
+        model.load_adapter(adapter)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Triton kernels of layerroute_rt, each with its launch wrapper and autograd.Function."""

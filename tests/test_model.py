@@ -1,0 +1,442 @@
+"""The LayerRoute model against transformers (and peft), and its two paths against each other."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import layerroute_rt as lr
+from layerroute_rt import model as model_mod
+from qwen_factory import QWEN25_05B, randomize_adapter, save_random_qwen2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    hf = save_random_qwen2(path)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def tiny_untied_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_untied")
+    hf = save_random_qwen2(path, seed=1, tie_word_embeddings=False)
+    return path, hf
+
+
+def ids(batch=2, seq=13, vocab=257, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Equality with transformers and peft
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_untied_dir"])
+def test_dense_equals_transformers(which, request):
+    path, hf = request.getfixturevalue(which)
+    model = lr.load(path)
+    x = ids()
+    with torch.no_grad():
+        ref = hf(x).logits
+    assert rel_err(model(x, tau=0.0), ref) < 1e-4
+    assert rel_err(model.train_forward(x, tau=0.0).logits, ref) < 1e-4
+
+
+def test_dense_equals_transformers_qwen25_05b_shapes(tmp_path):
+    """The full Qwen2.5-0.5B shapes (vocab 151936, 24 blocks, 14/2 heads), random weights, fp32."""
+    hf = save_random_qwen2(tmp_path, **QWEN25_05B)
+    model = lr.load(tmp_path)
+    assert sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad) == 494_032_768
+    x = ids(batch=1, seq=6, vocab=QWEN25_05B["vocab_size"])
+    with torch.no_grad():
+        ref = hf(x).logits
+    del hf
+    assert rel_err(model(x, tau=0.0), ref) < 1e-4
+
+
+def test_random_adapter_equals_transformers_plus_peft(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    path, _ = tiny_dir
+    model = lr.load(path)
+    randomize_adapter(model, seed=3)
+    model.export_peft(tmp_path / "peft")
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    x = ids(seed=5)
+    with torch.no_grad():
+        ref = hf(x).logits
+        base = hf.get_base_model()
+    ours = model(x, tau=0.0)
+    assert rel_err(ours, ref) < 1e-4
+    with torch.no_grad(), hf.disable_adapter():
+        plain = base(x).logits
+    assert rel_err(ours, plain) > 1e-3, "the random adapter must change the logits"
+
+
+def test_load_dtypes(tiny_dir):
+    path, hf = tiny_dir
+    x = ids()
+    with torch.no_grad():
+        ref = hf(x).logits
+    for dtype, tol in [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)]:
+        model = lr.load(path, dtype=dtype)
+        assert model.model.embed_tokens.weight.dtype == dtype
+        assert model.blocks[0].router.weight.dtype == torch.float32   # trainable stays fp32
+        out = model(x, tau=0.0)
+        assert out.dtype == dtype and rel_err(out, ref) < tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Real skipping in the reference path
+# ---------------------------------------------------------------------------------------------
+
+def routed(path, seed=0, **config):
+    model = lr.load(path, config=lr.LayerRouteConfig(**config))
+    randomize_adapter(model, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_train_path_equals_reference_path(tiny_dir, kv_policy, granularity):
+    model = routed(tiny_dir[0], kv_policy=kv_policy, granularity=granularity)
+    x = ids(batch=3, seq=17, seed=1)
+    logits, executed = model(x, return_executed=True)
+    train = model.train_forward(x)
+    assert torch.equal(train.executed, executed)
+    frac = executed.float().mean()
+    assert 0.1 < frac < 0.9, f"test needs a mix of running and skipping tokens, got {frac:.2f}"
+    assert rel_err(train.logits, logits) < 1e-5
+
+
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+def test_skipped_rows_are_not_fed_to_the_block(tiny_dir, kv_policy):
+    """q_proj, o_proj and the MLP see only executing rows; k/v see every row under "compute"."""
+    model = routed(tiny_dir[0], kv_policy=kv_policy)
+    rows: dict[str, list[int]] = {}
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        for name, mod in [("q", block.self_attn.q_proj), ("k", block.self_attn.k_proj),
+                          ("o", block.self_attn.o_proj), ("mlp", block.mlp.down_proj)]:
+            key = f"{i}.{name}"
+            rows[key] = []
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, out, key=key: rows[key].append(a[0].reshape(-1, a[0].shape[-1]).shape[0])))
+    x = ids(batch=2, seq=11, seed=2)
+    _, executed = model(x, return_executed=True)
+    for h in hooks:
+        h.remove()
+    n = x.numel()
+    for i in range(len(model.blocks)):
+        ran = int(executed[i].sum())
+        expected = [ran] if ran else []
+        assert rows[f"{i}.q"] == expected and rows[f"{i}.o"] == expected and rows[f"{i}.mlp"] == expected
+        assert rows[f"{i}.k"] == ([n] if kv_policy == "compute" else expected)
+
+
+def test_skipped_tokens_keep_their_residual(tmp_path):
+    """One block: a token that skips it ends with exactly the embedding's logits."""
+    path = tmp_path / "one"
+    save_random_qwen2(path, num_hidden_layers=1)
+    model = routed(path, seed=4)
+    x = ids(batch=2, seq=15, seed=3)
+    logits, executed = model(x, return_executed=True)
+    bypass = model(x, skip_layers=[0])
+    skipped = ~executed[0]
+    assert 0 < int(skipped.sum()) < x.numel()
+    assert torch.equal(logits[skipped], bypass[skipped])
+    assert not torch.allclose(logits[~skipped], bypass[~skipped])
+
+
+def test_skip_all_layers_leaves_embedding_norm_head(tiny_dir):
+    path, hf = tiny_dir
+    model = routed(path)
+    x = ids()
+    with torch.no_grad():
+        expected = hf.lm_head(hf.model.norm(hf.model.embed_tokens(x)))
+    out = model(x, skip_layers=list(range(len(model.blocks))))
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_skip_layers_equals_pruned_transformers(tiny_dir):
+    """skip_layers=[1] is ShortGPT-style pruning: transformers with block 1 deleted."""
+    path, _ = tiny_dir
+    model = lr.load(path)
+    pruned = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    del pruned.model.layers[1]
+    pruned.config.num_hidden_layers -= 1
+    pruned.config.layer_types = pruned.config.layer_types[:-1]
+    for i, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = i
+    x = ids()
+    with torch.no_grad():
+        ref = pruned(x, use_cache=False).logits
+    assert rel_err(model(x, tau=0.0, skip_layers=[1]), ref) < 1e-4
+    assert rel_err(model.train_forward(x, tau=0.0, skip_layers=[1]).logits, ref) < 1e-4
+
+
+def test_tau_extremes(tiny_dir):
+    model = routed(tiny_dir[0])
+    x = ids()
+    _, executed = model(x, tau=0.0, return_executed=True)
+    assert executed.all()
+    _, executed = model(x, tau=1.0, return_executed=True)
+    assert not executed.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: prefill + decode equal the full forward
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+def test_prefill_then_decode_equals_full_forward(tiny_dir, kv_policy):
+    model = routed(tiny_dir[0], kv_policy=kv_policy, seed=6)
+    x = ids(batch=2, seq=14, seed=4)
+    full, executed = model(x, return_executed=True)
+    cache = lr.KVCache(model.config, batch_size=2, max_len=20, dtype=torch.float32, device="cpu")
+    parts, parts_exec = [], []
+    for lo, hi in [(0, 8), (8, 9), (9, 12), (12, 13), (13, 14)]:
+        out, ex = model(x[:, lo:hi], cache=cache, return_executed=True)
+        parts.append(out)
+        parts_exec.append(ex)
+    assert torch.equal(torch.cat(parts_exec, dim=2), executed)
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+def test_sequence_granularity_decides_at_prefill(tiny_dir):
+    model = routed(tiny_dir[0], granularity="sequence", seed=7)
+    x = ids(batch=4, seq=9, seed=5)
+    cache = lr.KVCache(model.config, batch_size=4, max_len=12, dtype=torch.float32, device="cpu")
+    _, prefill_exec = model(x[:, :6], cache=cache, return_executed=True)
+    # one decision per (layer, sequence), held for every token of the step
+    assert torch.equal(prefill_exec, prefill_exec[:, :, :1].expand_as(prefill_exec))
+    assert prefill_exec.any() and not prefill_exec.all()
+    for t in range(6, 9):
+        _, ex = model(x[:, t:t + 1], cache=cache, return_executed=True)
+        assert torch.equal(ex[:, :, 0], prefill_exec[:, :, 0])
+
+
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+def test_left_padded_batch_equals_one_by_one(tiny_dir, kv_policy):
+    model = routed(tiny_dir[0], kv_policy=kv_policy, seed=8)
+    seqs = [ids(1, n, seed=10 + n)[0] for n in (5, 9, 7)]
+    width = max(len(s) for s in seqs)
+    batch = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        batch[b, width - len(s):] = s
+        mask[b, width - len(s):] = True
+    cache = lr.KVCache(model.config, batch_size=3, max_len=width + 2, dtype=torch.float32, device="cpu")
+    out = model(batch, attention_mask=mask, cache=cache)
+    nxt = ids(3, 1, seed=99)
+    step = model(nxt, cache=cache)
+    for b, s in enumerate(seqs):
+        single = model(torch.cat([s, nxt[b]])[None])
+        assert rel_err(out[b, width - len(s):], single[0, :-1]) < 1e-5
+        assert rel_err(step[b, 0], single[0, -1]) < 1e-5
+
+
+def test_cache_errors(tiny_dir):
+    model = lr.load(tiny_dir[0])
+    cache = lr.KVCache(model.config, batch_size=1, max_len=4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="exceed max_len 4"):
+        model(ids(1, 5), cache=cache)
+    with pytest.raises(ValueError, match="built for batch 1"):
+        model(ids(2, 2), cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd path
+# ---------------------------------------------------------------------------------------------
+
+def test_gradients_reach_routers_and_lora_only(tiny_dir):
+    model = routed(tiny_dir[0])
+    x = ids(seed=6)
+    out = model.train_forward(x, labels=x)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {
+        "weight", "bias", "lora_A", "lora_B"}
+    assert all(".router." in n or ".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+class TrainLoss(torch.nn.Module):
+    """forward(x) = the training loss with labels x, so torch.func.functional_call can swap params."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        return self.m.train_forward(x, labels=x).loss
+
+
+def _lora_params(model):
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def test_gradcheck_soft_part_float64(tmp_path):
+    """gradcheck (float64) of the loss w.r.t. LoRA, with some blocks skipped by the gates.
+
+    Router weights are 0 so p does not depend on h and the hard decisions are fixed (layer 1 skips,
+    the others run); the straight-through gate then has value and gradient of a constant."""
+    path = tmp_path / "m"
+    save_random_qwen2(path, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=31)
+    model = routed(path, seed=1, rank=2).double()
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.router.weight.zero_()
+            block.router.bias.fill_(-2.0 if i == 1 else 2.0)
+    x = ids(batch=2, seq=5, vocab=31, seed=7)
+    names = list(_lora_params(model))
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in _lora_params(model).values())
+
+    def f(*params):
+        return torch.func.functional_call(TrainLoss(model), {f"m.{n}": p for n, p in zip(names, params)},
+                                          (x,), strict=False)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_router_gradient_matches_finite_differences(tmp_path, monkeypatch):
+    """The straight-through gradient w.r.t. the routers is the exact gradient of the surrogate
+    g = hard + p(theta) - p(theta0): check it against central differences of that surrogate."""
+    path = tmp_path / "m"
+    save_random_qwen2(path, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=31)
+    model = routed(path, seed=2, rank=2).double()
+    x = ids(batch=2, seq=6, vocab=31, seed=8)
+    out = model.train_forward(x, labels=x)
+    out.loss.backward()
+    routers = {n: p for n, p in model.named_parameters() if ".router." in n}
+    p0 = [p.detach().clone() for p in out.probs.unbind(0)]
+    hard0 = out.executed.clone()
+
+    def surrogate_loss():
+        calls = iter(p0)
+        monkeypatch.setattr(model_mod, "straight_through",
+                            lambda p, hard: hard.to(p.dtype) + p - next(calls))
+        with torch.no_grad():
+            res = model.train_forward(x, labels=x)
+        monkeypatch.undo()
+        assert torch.equal(res.executed, hard0), "a decision flipped under the perturbation"
+        return float(res.loss)
+
+    eps = 1e-6
+    checked = 0
+    for name, p in routers.items():
+        flat = p.data.view(-1)
+        for j in range(0, flat.numel(), 3):
+            old = float(flat[j])
+            flat[j] = old + eps
+            up = surrogate_loss()
+            flat[j] = old - eps
+            down = surrogate_loss()
+            flat[j] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(fd - float(p.grad.view(-1)[j])) <= 1e-6 + 1e-4 * abs(fd), (name, j)
+            checked += 1
+    assert checked > 20
+
+
+def test_gate_term_and_loss_mask(tiny_dir):
+    model = routed(tiny_dir[0], gate_lambda=0.5)
+    x = ids(seed=9)
+    out = model.train_forward(x, labels=x)
+    assert torch.allclose(out.gate_loss, out.probs.mean())
+    assert torch.allclose(out.loss, out.ce + 0.5 * out.gate_loss)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, 7:] = True
+    masked = model.train_forward(x, labels=x, loss_mask=mask)
+    logp = torch.log_softmax(out.logits[:, 6:-1].float(), -1)
+    ce = -logp.gather(-1, x[:, 7:, None]).mean()
+    assert torch.allclose(masked.ce, ce, rtol=1e-5)
+    target = lr.load(tiny_dir[0], config=lr.LayerRouteConfig(target_rate=0.25))
+    t = target.train_forward(x)
+    assert torch.allclose(t.gate_loss, (t.probs.mean() - 0.25) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters, parameter counts, errors
+# ---------------------------------------------------------------------------------------------
+
+def test_adapter_round_trip(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    model = routed(path, seed=11, granularity="sequence", rank=4, alpha=8)
+    model.save_adapter(tmp_path / "adapter")
+    again = lr.load(path, adapter=tmp_path / "adapter")
+    assert again.lr_config == model.lr_config
+    x = ids(seed=12)
+    assert torch.equal(again(x), model(x))
+    with pytest.raises(ValueError, match="rank: adapter 4, config 8"):
+        lr.load(path, adapter=tmp_path / "adapter", config=lr.LayerRouteConfig())
+    tuned = lr.load(path, adapter=tmp_path / "adapter",
+                    config=lr.LayerRouteConfig(rank=4, alpha=8, tau=0.0))
+    assert tuned.lr_config.tau == 0.0
+
+
+def test_adapter_for_another_backbone_is_rejected(tiny_dir, tiny_untied_dir, tmp_path):
+    other = tmp_path / "other"
+    save_random_qwen2(other, hidden_size=32, intermediate_size=48)
+    lr.load(other).save_adapter(tmp_path / "adapter")
+    with pytest.raises(lr.CheckpointError, match=r"adapter_config.json.*another backbone shape.*hidden_size: adapter 32, backbone 64"):
+        lr.load(tiny_dir[0], adapter=tmp_path / "adapter")
+    with pytest.raises(lr.CheckpointNotFoundError, match="adapter_config.json: missing"):
+        lr.load(tiny_dir[0], adapter=tmp_path)
+
+
+def test_count_parameters_qwen25_05b():
+    cfg = lr.BackboneConfig(**{k: v for k, v in QWEN25_05B.items()}, model_type="qwen2")
+    counts = lr.count_parameters(cfg, lr.LayerRouteConfig())
+    assert counts == {"routers": 21_528, "lora": 1_081_344, "trainable": 1_102_872,
+                      "backbone": 494_032_768}
+    assert f"{100 * counts['trainable'] / counts['backbone']:.2f}" == "0.22"
+
+
+def test_count_parameters_matches_a_built_model(tiny_untied_dir):
+    model = lr.load(tiny_untied_dir[0], config=lr.LayerRouteConfig(rank=3, targets=("q_proj", "down_proj")))
+    counts = lr.count_parameters(model.config, model.lr_config)
+    params = dict(model.named_parameters())
+    assert counts["routers"] == sum(p.numel() for n, p in params.items() if ".router." in n)
+    assert counts["lora"] == sum(p.numel() for n, p in params.items() if ".lora_" in n)
+    assert counts["backbone"] == sum(p.numel() for p in params.values() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=0), "rank must be an integer >= 1"),
+    (dict(tau=1.5), r"tau must be a number in \[0, 1\]"),
+    (dict(tau=-0.1), r"tau must be a number in \[0, 1\]"),
+    (dict(targets=("q_proj", "qkv")), r"unknown target module\(s\) \['qkv'\]"),
+    (dict(granularity="batch"), "granularity must be one of"),
+    (dict(kv_policy="keep"), "kv_policy must be one of"),
+    (dict(alpha=0), "alpha must be > 0"),
+])
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lr.LayerRouteConfig(**kwargs)
+
+
+def test_bad_call_arguments(tiny_dir):
+    model = lr.load(tiny_dir[0])
+    with pytest.raises(ValueError, match=r"tau must be a number in \[0, 1\]"):
+        model(ids(), tau=2.0)
+    with pytest.raises(ValueError, match=r"skip_layers: block indices must be integers in \[0, 3\)"):
+        model(ids(), skip_layers=[3])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 257\)"):
+        model(torch.tensor([[1, 257]]))
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype must be"):
+        lr.load(tiny_dir[0], dtype=torch.int8)
