@@ -37,18 +37,31 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+# Ops with a Triton kernel (python_kernels/<op>.py), registered by _triton_op at import.
+_TRITON_KERNELS: set[str] = set()
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def backend(op: str, device: torch.device) -> str:
-    """The backend that runs `op` on `device`: LAYERROUTE_BACKEND if set, else the best one."""
+    """The backend that runs `op` on `device`: LAYERROUTE_BACKEND if set, else the best one
+    (compiled extension > Triton > torch reference)."""
     forced = os.environ.get("LAYERROUTE_BACKEND", "").strip().lower()
     compiled = (op, device.type) in _COMPILED_KERNELS
+    triton_ok = op in _TRITON_KERNELS and _triton_runs_on(device)
     if not forced:
-        return "cuda" if compiled else "torch"
+        return "cuda" if compiled else "triton" if triton_ok and device.type == "cuda" else "torch"
     if forced not in BACKENDS:
         raise ValueError(f"LAYERROUTE_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
-    if forced == "triton":
-        raise NotImplementedError(
-            f"LAYERROUTE_BACKEND=triton: no Triton kernel exists yet for {op}"
-        )
+    if forced == "triton" and not triton_ok:
+        why = (f"no Triton kernel exists for {op}" if op not in _TRITON_KERNELS else
+               f"Triton runs on CUDA tensors, or on CPU only with TRITON_INTERPRET=1 (got {device})")
+        raise RuntimeError(f"LAYERROUTE_BACKEND=triton: cannot run {op}: {why}")
     if forced == "cuda" and not compiled:
         why = _EXTENSION_ERROR or f"it has no {device.type} kernel for it (built without CUDA?)"
         raise RuntimeError(f"LAYERROUTE_BACKEND=cuda: layerroute_rt._C cannot run {op}: {why}")

@@ -261,7 +261,7 @@ class TestBackendSelection:
 
     def test_forced_triton_says_no_kernel(self, monkeypatch):
         monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
-        with pytest.raises(NotImplementedError, match="no Triton kernel.*compact_rows"):
+        with pytest.raises(RuntimeError, match="cannot run compact_rows: no Triton kernel exists"):
             ops.compact_rows(torch.ones(3, dtype=torch.bool))
 
     def test_unknown_backend(self, monkeypatch):
