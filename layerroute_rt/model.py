@@ -229,6 +229,23 @@ class LayerRouteModel(nn.Module):
         if seed is not None:
             torch.random.set_rng_state(gen_state)
 
+    @torch.no_grad()
+    def randomize_adapter(self, seed: int = 0, lora_std: float = 0.05) -> None:
+        """Random, untrained routers and LoRA, for demos, tests and benchmarks.
+
+        Router weights are scaled to the embedding's RMS so that w . h ~ N(0, 1) at the first
+        block: p spreads around 0.5 and tokens both run and skip. LoRA B is non-zero."""
+        g = torch.Generator().manual_seed(seed)
+        d = self.config.hidden_size
+        rms = float(self.model.embed_tokens.weight.float().pow(2).mean().sqrt())
+        for block in self.blocks:
+            w = torch.randn(block.router.weight.shape, generator=g) / (d ** 0.5 * max(rms, 1e-6))
+            block.router.weight.copy_(w)
+            block.router.bias.copy_(torch.randn(1, generator=g) * 0.2)
+            for m in block.lora_layers():
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.lora_A.shape[1] ** 0.5)
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * lora_std)
+
     def save_adapter(self, path) -> None:
         """Save routers + LoRA and both configs to the directory `path` (atomically)."""
         checkpoint.save_adapter(path, self.adapter_state_dict(), self.lr_config.to_dict(),

@@ -33,19 +33,3 @@ def save_random_qwen2(path, seed: int = 0, **overrides) -> transformers.Qwen2For
                 p.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return model
-
-
-def randomize_adapter(model: lr.LayerRouteModel, seed: int = 0, router_std: float = 50.0,
-                      lora_std: float = 0.05) -> None:
-    """Random routers (p spread around 0.5, so tokens both run and skip) and a non-zero LoRA B.
-
-    HF's random init gives a residual of about 0.02 per element, so w . h ~ N(0, (0.02 x 50)^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.blocks:
-            w = block.router.weight
-            w.copy_(torch.randn(w.shape, generator=g) * router_std / w.shape[1] ** 0.5)
-            block.router.bias.copy_(torch.randn(1, generator=g) * 0.2)
-            for m in block.lora_layers():
-                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.lora_A.shape[1] ** 0.5)
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * lora_std)

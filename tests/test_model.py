@@ -7,7 +7,7 @@ import transformers
 
 import layerroute_rt as lr
 from layerroute_rt import model as model_mod
-from qwen_factory import QWEN25_05B, randomize_adapter, save_random_qwen2
+from qwen_factory import QWEN25_05B, save_random_qwen2
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +63,7 @@ def test_random_adapter_equals_transformers_plus_peft(tiny_dir, tmp_path):
     peft = pytest.importorskip("peft")
     path, _ = tiny_dir
     model = lr.load(path)
-    randomize_adapter(model, seed=3)
+    model.randomize_adapter(seed=3)
     model.export_peft(tmp_path / "peft")
     hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
@@ -97,7 +97,7 @@ def test_load_dtypes(tiny_dir):
 
 def routed(path, seed=0, **config):
     model = lr.load(path, config=lr.LayerRouteConfig(**config))
-    randomize_adapter(model, seed=seed)
+    model.randomize_adapter(seed=seed)
     return model
 
 

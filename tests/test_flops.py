@@ -1,0 +1,45 @@
+"""FLOPs accounting against hand-computed values (DESIGN.md section 1)."""
+import torch
+
+import layerroute_rt as lr
+
+CFG = lr.BackboneConfig(vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+WEIGHTS = 8 * 8 + 4 * 8 * 2 + 8 * 8 + 3 * 8 * 12     # q, k + v (kv_dim 4), o, MLP
+
+
+def test_dense_has_nothing_skipped():
+    executed = torch.ones(2, 1, 3, dtype=torch.bool)
+    context = torch.tensor([[1, 2, 3]])
+    r = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context)
+    block = 2 * (2 * WEIGHTS * 3 + 4 * 8 * 6)
+    assert r.block_flops == block
+    assert r.total_flops == block + 2 * 8 * 100 * 3
+    # routers are paid on top of the dense blocks
+    assert r.block_flops_run == block + 2 * 8 * 3 * 2
+    assert r.block_skipped_pct < 0
+
+
+def test_skipped_token_keeps_kv_projection_under_compute_only():
+    executed = torch.ones(2, 1, 3, dtype=torch.bool)
+    executed[1, 0, 2] = False                       # token 2 skips block 1 (context 3)
+    context = torch.tensor([[1, 2, 3]])
+    saved = 2 * WEIGHTS + 4 * 8 * 3
+    kv = 2 * 2 * 8 * 4
+    router = 2 * 8 * 3 * 2
+    dense = lr.flops_report(CFG, lr.LayerRouteConfig(), torch.ones_like(executed), context)
+    compute = lr.flops_report(CFG, lr.LayerRouteConfig(kv_policy="compute"), executed, context)
+    drop = lr.flops_report(CFG, lr.LayerRouteConfig(kv_policy="drop"), executed, context)
+    assert compute.block_flops_run == dense.block_flops - saved + kv + router
+    assert drop.block_flops_run == dense.block_flops - saved + router
+    assert 0 < compute.total_skipped_pct < compute.block_skipped_pct
+
+
+def test_padding_costs_nothing():
+    executed = torch.ones(2, 2, 3, dtype=torch.bool)
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    context = valid.long().cumsum(1)
+    padded = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, valid)
+    a = lr.flops_report(CFG, lr.LayerRouteConfig(), executed[:, :1], torch.tensor([[1, 2, 3]]))
+    b = lr.flops_report(CFG, lr.LayerRouteConfig(), executed[:, :1, 1:], torch.tensor([[1, 2]]))
+    assert padded.total_flops == a.total_flops + b.total_flops
