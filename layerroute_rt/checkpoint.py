@@ -299,9 +299,21 @@ _ADAPTER_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers"
                          "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
+def check_replaceable(path: str | os.PathLike, ours: set[str]) -> None:
+    """Refuse to replace an existing directory that holds anything but the entries we write."""
+    target = Path(path)
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
+        if foreign:
+            raise CheckpointError(f"{target}: exists and holds other files ({_some(foreign)}); "
+                                  f"refusing to replace it: choose an empty or new directory")
+
+
 def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  layerroute: dict, backbone: dict) -> None:
-    """Write `<path>/adapter_config.json` and `<path>/adapter.safetensors` as one atomic directory."""
+    """Write `<path>/adapter_config.json` and `<path>/adapter.safetensors` as one atomic directory
+    (replacing an earlier adapter there, never a directory holding other files)."""
+    check_replaceable(path, {ADAPTER_CONFIG_FILE, ADAPTER_FILE})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path) as tmp:
         save_file({n: t.detach().float().contiguous().cpu() for n, t in tensors.items()},
@@ -361,6 +373,7 @@ def export_peft(path: str | os.PathLike, lora: dict[str, torch.Tensor], rank: in
     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight". Routers have no place in a
     PEFT LoRA adapter and are not exported: with PEFT the adapter runs every block.
     """
+    check_replaceable(path, {ADAPTER_CONFIG_FILE, PEFT_WEIGHTS_FILE})
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",

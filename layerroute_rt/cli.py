@@ -9,6 +9,7 @@ per-layer skip map, the FLOPs skipped and the time per token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import LayerRouteConfig
 from .generate import generate
 from .model import load
 
 DEMO_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                   rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=1024)
+DEFAULT_PROMPT = "Find flights from Paris to Rome on 3 May."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,9 +70,10 @@ def demo(args: argparse.Namespace) -> int:
                   f"blocks, hidden {DEMO_SHAPE['hidden_size']}, vocab {DEMO_SHAPE['vocab_size']})")
         else:
             model_dir = Path(args.model)
-        config = LayerRouteConfig(tau=args.tau, granularity=args.granularity, kv_policy=args.kv_policy)
-        model = load(model_dir, adapter=args.adapter, config=None if args.adapter else config,
-                     device=args.device, dtype=DTYPES[args.dtype])
+        model = load(model_dir, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
+    # The flags given override the adapter's stored (or the default) runtime settings.
+    given = {k: getattr(args, k) for k in ("tau", "granularity", "kv_policy") if getattr(args, k) is not None}
+    model.lr_config = dataclasses.replace(model.lr_config, **given)
     random_routers = args.random_routers if args.random_routers is not None else (
         args.seed if args.model is None and args.adapter is None else None)
     if random_routers is not None:
@@ -85,11 +87,14 @@ def demo(args: argparse.Namespace) -> int:
     if args.prompt_ids:
         prompts = [args.prompt_ids]
     elif tok is not None:
-        prompts = [tok(args.prompt)["input_ids"]]
+        prompts = [tok(args.prompt or DEFAULT_PROMPT)["input_ids"]]
+    elif args.prompt is not None:
+        raise ValueError(f"--prompt needs the checkpoint's tokenizer, and {model_dir} has none "
+                         f"(tokenizer.json); pass --prompt-ids instead")
     else:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model.config.vocab_size, (16,), generator=g).tolist()]
-    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, tau=args.tau,
+    out = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                    skip_layers=args.skip_layers, temperature=args.temperature, seed=args.seed)
     prompt_len = len(prompts[0])   # one prompt: no left padding
     new = out.tokens[0]
@@ -116,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="generate with skipping and print the skip map")
     p.add_argument("--model", help="a Hugging Face Qwen2 checkpoint directory (default: build a small one)")
     p.add_argument("--adapter", help="a LayerRoute adapter directory written by save_adapter")
-    p.add_argument("--prompt", default="Find flights from Paris to Rome on 3 May.",
-                   help="text prompt (needs the checkpoint's tokenizer)")
+    p.add_argument("--prompt", help=f"text prompt (needs the checkpoint's tokenizer; default "
+                                    f"{DEFAULT_PROMPT!r}, or random ids without a tokenizer)")
     p.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--granularity", choices=("token", "sequence"), default="token")
-    p.add_argument("--kv-policy", choices=("compute", "drop"), default="compute")
+    p.add_argument("--tau", type=float, help="routing threshold (default: the adapter's, or 0.5)")
+    p.add_argument("--granularity", choices=("token", "sequence"))
+    p.add_argument("--kv-policy", choices=("compute", "drop"))
     p.add_argument("--skip-layers", type=int, nargs="*", help="blocks to skip for every token")
     p.add_argument("--random-routers", type=int, metavar="SEED",
                    help="random untrained routers (default for the built-in model)")

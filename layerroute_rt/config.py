@@ -65,6 +65,8 @@ class BackboneConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: unsupported model_type {model_type!r}; "
                              f"expected one of {SUPPORTED_MODEL_TYPES}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
         if d.get("use_sliding_window", False):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -124,8 +126,9 @@ class LayerRouteConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LayerRouteConfig.rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LayerRouteConfig.alpha must be > 0, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LayerRouteConfig.alpha must be a number > 0, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"LayerRouteConfig.targets: unknown target module(s) {unknown}; "

@@ -2,7 +2,8 @@
 
 Matmul FLOPs per token per block = 2 x (block weight count) + attention 4 x context x q_dim
 (QK^T and AV). A token that skips a block saves all of it except, under kv_policy "compute",
-its k/v projections (2 x 2 x hidden x kv_dim), and it always pays its router (2 x hidden).
+its k/v projections (2 x 2 x hidden x kv_dim), and it always pays its router (2 x hidden; under
+`sequence` granularity the router runs once per sequence and block instead).
 Total forward FLOPs add the lm_head (2 x hidden x vocab per token). LoRA is counted merged into
 the frozen weights (as the inference path runs it), so it adds no FLOPs here.
 """
@@ -32,7 +33,7 @@ def count_parameters(backbone: BackboneConfig, lr: LayerRouteConfig) -> dict[str
 class FlopsReport:
     block_flops: float          # matmul FLOPs of all blocks if every token ran every block
     block_flops_run: float      # what ran (including routers and kept k/v projections)
-    total_flops: float          # block_flops + lm_head (+ routers), dense
+    total_flops: float          # block_flops + lm_head, dense
     total_flops_run: float
 
     @property
@@ -61,7 +62,10 @@ def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch
     ctx = float((context.double() * valid).sum())
     layers = backbone.num_hidden_layers
     per_block_dense = 2.0 * weights * n_tokens + 4.0 * backbone.q_dim * ctx
-    router = 2.0 * d * n_tokens * layers
+    if lr.granularity == "sequence":   # one decision per sequence and block, at its prefill
+        router = 2.0 * d * float(valid.any(1).sum()) * layers
+    else:
+        router = 2.0 * d * n_tokens * layers
     kv_proj = 2.0 * 2 * d * backbone.kv_dim
     ran = executed.bool() & valid[None]
     ran_tokens = float(ran.sum())

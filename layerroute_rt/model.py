@@ -71,9 +71,14 @@ class LoRALinear(nn.Module):
             self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
             self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32))
 
-    def reset_adapter(self) -> None:
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A: PEFT's kaiming-uniform init, drawn on the CPU (so a CPU generator serves any
+        device); B = 0."""
         if self.lora_A is not None:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's choice
+            a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A.copy_(a)
             nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +180,14 @@ class KVCache:
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.seq_exec: torch.Tensor | None = None
         self.length = 0
+        self.dtype, self.device = dtype, self.k.device
         self.max_len = max_len
         self.batch_size = batch_size
+
+    def new_step(self) -> None:
+        """Under `sequence` granularity, let the next call decide again (a new step begins);
+        otherwise the decisions of the first call on this cache hold."""
+        self.seq_exec = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,21 +224,18 @@ class LayerRouteModel(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors (routers and LoRA), by name."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        """The adapter's tensors (routers and LoRA), by name, whatever their requires_grad."""
+        return {n: p for n, p in self.named_parameters() if ".router." in n or ".lora_" in n}
 
-    def reset_adapter(self, seed: int | None = None) -> None:
-        """Fresh routers (weight 0, bias router_init_bias: p starts near 1) and LoRA (B = 0)."""
-        gen_state = torch.random.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
+    def reset_adapter(self, seed: int = 0) -> None:
+        """Fresh routers (weight 0, bias router_init_bias: p starts near 1) and LoRA (A random
+        from `seed`, B = 0), reproducible and without touching the global RNG."""
+        g = torch.Generator().manual_seed(seed)
         for block in self.blocks:
             nn.init.zeros_(block.router.weight)
             nn.init.constant_(block.router.bias, self.lr_config.router_init_bias)
             for m in block.lora_layers():
-                m.reset_adapter()
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
+                m.reset_adapter(g)
 
     @torch.no_grad()
     def randomize_adapter(self, seed: int = 0, lora_std: float = 0.05) -> None:
@@ -252,8 +260,16 @@ class LayerRouteModel(nn.Module):
                                 self.config.to_dict())
 
     def load_adapter(self, path) -> None:
-        """Load routers + LoRA saved by `save_adapter` (shapes and names checked)."""
-        checkpoint.read_adapter_config(path, self.config)
+        """Load routers + LoRA saved by `save_adapter` (backbone shape, rank, alpha, targets,
+        tensor names and shapes checked)."""
+        stored = checkpoint.read_adapter_config(path, self.config)
+        diff = [f"{k}: adapter {stored.get(k)!r}, model {v!r}" for k, v in
+                (("rank", self.lr_config.rank), ("alpha", self.lr_config.alpha),
+                 ("targets", list(self.lr_config.targets))) if stored.get(k) != v]
+        if diff:
+            raise checkpoint.CheckpointError(
+                f"{path}/{checkpoint.ADAPTER_CONFIG_FILE}: the adapter does not match this model's "
+                f"LayerRouteConfig ({'; '.join(diff)})")
         expected = {n: tuple(p.shape) for n, p in self.adapter_state_dict().items()}
         tensors = checkpoint.load_adapter_tensors(path, expected)
         with torch.no_grad():
@@ -330,14 +346,12 @@ class LayerRouteModel(nn.Module):
             if lr.granularity == "token":
                 p = block.route_prob(h)                                         # [B, T]
             else:
-                mean = (_at_least_fp32(h) * route_f[..., None]).sum(1) / route_f.sum(1, keepdim=True).clamp(min=1)
-                p = block.route_prob(mean)[:, None].expand(B, T)                # [B, T]
+                p = block.route_prob(_masked_mean(h, route))[:, None].expand(B, T)  # [B, T]
             hard = (p >= tau) & valid & (i not in skip)
             keys = valid if lr.kv_policy == "compute" else hard
             mask = causal & (keys[:, None, :] | eye)                            # [B, Tq, Tk]
             out = self._block_dense(block, h, cos, sin, mask)
-            g = straight_through(p, hard)
-            h = h + g[..., None].to(h.dtype) * (out - h)
+            h = gate_mix(h, out, p, hard)
             probs.append(p)
             executed.append(hard)
         logits = self._logits(h)
@@ -347,10 +361,18 @@ class LayerRouteModel(nn.Module):
         gate_loss = mean_p if lr.target_rate is None else (mean_p - lr.target_rate) ** 2
         ce = loss = None
         if labels is not None:
-            lmask = valid if loss_mask is None else (loss_mask.bool() & valid)
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            ignored = labels == -100                                 # the HF convention
+            lmask = (valid if loss_mask is None else (loss_mask.bool() & valid)) & ~ignored
+            bad = lmask & ((labels < 0) | (labels >= cfg.vocab_size))
+            if bad.any():
+                raise ValueError(f"labels: ids must lie in [0, {cfg.vocab_size}) or be -100, got "
+                                 f"{labels[bad][:5].tolist()}")
             tgt_mask = lmask[:, 1:] & valid[:, :-1]
             ce_tok = F.cross_entropy(_at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1]),
-                                     labels[:, 1:].reshape(-1), reduction="none")
+                                     labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
             ce = (ce_tok * tgt_mask.reshape(-1)).sum() / tgt_mask.sum().clamp(min=1)
             loss = ce + lr.gate_lambda * gate_loss
         return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t)
@@ -373,13 +395,16 @@ class LayerRouteModel(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, tau: float | None = None, skip_layers=None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_executed: bool = False):
+                route_mask: torch.Tensor | None = None, return_executed: bool = False):
         """Logits [B, T, vocab] with real skipping (gather the executing rows, run, scatter back).
 
         With a `cache`, the tokens are appended after those already cached (prefill, then one
         or more tokens per decode call); without one, a temporary cache holds just this call.
         attention_mask [B, T] marks real tokens (False: padding, e.g. left padding of a batch).
-        With return_executed, also returns the decisions [L, B, T] (bool; padding False).
+        `sequence` granularity decides at the first call on a cache (or after cache.new_step()),
+        from the mean over route_mask's tokens (default: the call's real tokens), as
+        train_forward does; the decisions hold for the calls that follow. A prompt is therefore
+        prefilled in one call. With return_executed, also returns the decisions [L, B, T].
         """
         cfg, lr = self.config, self.lr_config
         tau, skip = self._tau(tau), self._skip_set(skip_layers)
@@ -390,8 +415,12 @@ class LayerRouteModel(nn.Module):
             cache = KVCache(cfg, B, T, h.dtype, h.device)
         if cache.batch_size != B:
             raise ValueError(f"cache: built for batch {cache.batch_size}, called with batch {B}")
+        if cache.dtype != h.dtype or cache.device != h.device:
+            raise ValueError(f"cache: built for {cache.dtype} on {cache.device}, the model runs "
+                             f"{h.dtype} on {h.device}")
         if cache.length + T > cache.max_len:
             raise ValueError(f"cache: {cache.length} cached + {T} new tokens exceed max_len {cache.max_len}")
+        route = valid if route_mask is None else (route_mask.bool() & valid)
         if lr.granularity == "sequence" and cache.seq_exec is None:
             cache.seq_exec = torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=h.device)
             decide_sequences = True
@@ -413,9 +442,7 @@ class LayerRouteModel(nn.Module):
                 run = (block.route_prob(flat) >= tau) & valid_f
             else:
                 if decide_sequences:
-                    vf = valid.float()
-                    mean = (_at_least_fp32(h) * vf[..., None]).sum(1) / vf.sum(1, keepdim=True).clamp(min=1)
-                    cache.seq_exec[i] = block.route_prob(mean) >= tau
+                    cache.seq_exec[i] = block.route_prob(_masked_mean(h, route)) >= tau
                 run = cache.seq_exec[i][batch_of] & valid_f
             if i in skip:
                 run = torch.zeros_like(run)
@@ -460,10 +487,40 @@ class LayerRouteModel(nn.Module):
         return flat.index_copy(0, rows, h)                      # scatter back
 
 
-def straight_through(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
-    """The gate g = 1[decision] + p - stop_grad(p): its value is the hard decision, its gradient
-    that of p. With h_out = h + g (out - h): dL/dp = sum((out - h) * dL/dh_out)."""
-    return hard.to(p.dtype) + p - p.detach()
+class _StraightThroughMix(torch.autograd.Function):
+    """h_out = h + g (out - h) with the straight-through gate g = 1[hard] + p - stop_grad(p).
+
+    Forward: exactly out where hard, h elsewhere (no 0 * inf when a skipped token's block
+    overflows). Backward, from h_out = h + g (out - h) with g's value = hard:
+        dL/dout = hard * dL/dh_out
+        dL/dh   = (1 - hard) * dL/dh_out
+        dL/dp   = sum over hidden of (out - h) * dL/dh_out      (dg/dp = 1)
+    """
+
+    @staticmethod
+    def forward(ctx, h, out, p, hard):
+        ctx.save_for_backward(h, out, hard)
+        ctx.p_dtype = p.dtype
+        return torch.where(hard[..., None], out, h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, out, hard = ctx.saved_tensors
+        run = hard[..., None]
+        grad_p = (_at_least_fp32(grad) * (_at_least_fp32(out) - _at_least_fp32(h))).sum(-1)
+        return (torch.where(run, 0, grad), torch.where(run, grad, 0), grad_p.to(ctx.p_dtype), None)
+
+
+def gate_mix(h: torch.Tensor, out: torch.Tensor, p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The block's output under the straight-through hard gate (see _StraightThroughMix).
+    h, out [B, T, D]; p [B, T] (router probability); hard [B, T] bool (the decision)."""
+    return _StraightThroughMix.apply(h, out, p, hard)
+
+
+def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of h [B, T, D] over the tokens where mask [B, T] is True (at least fp32) -> [B, D]."""
+    m = mask.to(_at_least_fp32(h).dtype)
+    return (_at_least_fp32(h) * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
 
 
 def _attention(q, k, v, mask):

@@ -26,3 +26,30 @@ def test_demo_on_a_checkpoint_directory(tmp_path, capsys):
 def test_demo_reports_a_bad_directory(tmp_path, capsys):
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "checkpoint directory does not exist" in capsys.readouterr().err
+
+
+def test_demo_flags_override_the_adapter(tmp_path, capsys, monkeypatch):
+    import layerroute_rt as lr
+
+    model_dir = cli.build_demo_backbone(tmp_path / "m", seed=1)
+    lr.load(model_dir, config=lr.LayerRouteConfig(granularity="sequence")).save_adapter(tmp_path / "a")
+    seen = {}
+    real = cli.generate
+
+    def spy(model, *args, **kwargs):
+        seen["config"] = model.lr_config
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", spy)
+    argv = ["demo", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--prompt-ids", "1", "2",
+            "--max-new-tokens", "2"]
+    assert cli.main(argv) == 0
+    assert seen["config"].granularity == "sequence" and seen["config"].kv_policy == "compute"
+    assert cli.main(argv + ["--kv-policy", "drop", "--tau", "0.3"]) == 0
+    assert (seen["config"].granularity, seen["config"].kv_policy, seen["config"].tau) == ("sequence", "drop", 0.3)
+
+
+def test_demo_text_prompt_needs_a_tokenizer(tmp_path, capsys):
+    model_dir = cli.build_demo_backbone(tmp_path / "m", seed=1)
+    assert cli.main(["demo", "--model", str(model_dir), "--prompt", "hello"]) == 2
+    assert "--prompt needs the checkpoint's tokenizer" in capsys.readouterr().err

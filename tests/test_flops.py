@@ -43,3 +43,12 @@ def test_padding_costs_nothing():
     a = lr.flops_report(CFG, lr.LayerRouteConfig(), executed[:, :1], torch.tensor([[1, 2, 3]]))
     b = lr.flops_report(CFG, lr.LayerRouteConfig(), executed[:, :1, 1:], torch.tensor([[1, 2]]))
     assert padded.total_flops == a.total_flops + b.total_flops
+    assert padded.block_flops_run == a.block_flops_run + b.block_flops_run
+
+
+def test_sequence_routers_run_once_per_sequence():
+    executed = torch.ones(2, 2, 3, dtype=torch.bool)
+    context = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    token = lr.flops_report(CFG, lr.LayerRouteConfig(granularity="token"), executed, context)
+    seq = lr.flops_report(CFG, lr.LayerRouteConfig(granularity="sequence"), executed, context)
+    assert token.block_flops_run - seq.block_flops_run == 2 * 8 * 2 * (6 - 2)

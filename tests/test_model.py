@@ -324,8 +324,8 @@ def test_router_gradient_matches_finite_differences(tmp_path, monkeypatch):
 
     def surrogate_loss():
         calls = iter(p0)
-        monkeypatch.setattr(model_mod, "straight_through",
-                            lambda p, hard: hard.to(p.dtype) + p - next(calls))
+        monkeypatch.setattr(model_mod, "gate_mix", lambda h, out, p, hard:
+                            h + (hard.to(p.dtype) + p - next(calls))[..., None] * (out - h))
         with torch.no_grad():
             res = model.train_forward(x, labels=x)
         monkeypatch.undo()
@@ -419,7 +419,7 @@ def test_count_parameters_matches_a_built_model(tiny_untied_dir):
     (dict(targets=("q_proj", "qkv")), r"unknown target module\(s\) \['qkv'\]"),
     (dict(granularity="batch"), "granularity must be one of"),
     (dict(kv_policy="keep"), "kv_policy must be one of"),
-    (dict(alpha=0), "alpha must be > 0"),
+    (dict(alpha=0), "alpha must be a number > 0"),
 ])
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -440,3 +440,114 @@ def test_bad_call_arguments(tiny_dir):
         model(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype must be"):
         lr.load(tiny_dir[0], dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: adapters by name, config checks, labels, sequence steps, NaN-safe gate
+# ---------------------------------------------------------------------------------------------
+
+def test_save_adapter_never_replaces_a_foreign_directory(tiny_dir, tmp_path):
+    model = lr.load(tiny_dir[0])
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    with pytest.raises(lr.CheckpointError, match=r"project: exists and holds other files \(notes.txt\)"):
+        model.save_adapter(tmp_path / "project")
+    with pytest.raises(lr.CheckpointError, match="refusing to replace"):
+        model.export_peft(tmp_path / "project")
+    assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
+    model.save_adapter(tmp_path / "adapter")
+    model.save_adapter(tmp_path / "adapter")          # an earlier adapter is replaced
+
+
+def test_adapter_is_selected_by_name_not_requires_grad(tiny_dir, tmp_path):
+    model = lr.load(tiny_dir[0])
+    model.randomize_adapter(seed=2)
+    model.requires_grad_(False)
+    n = len(model.adapter_state_dict())
+    assert n == 3 * (2 + 2 * 4)                       # 3 blocks: router w, b + A, B on 4 targets
+    model.save_adapter(tmp_path / "a")
+    again = lr.load(tiny_dir[0], adapter=tmp_path / "a")
+    x = ids()
+    assert torch.equal(again(x), model(x))
+
+
+def test_load_adapter_checks_rank_alpha_targets(tiny_dir, tmp_path):
+    lr.load(tiny_dir[0], config=lr.LayerRouteConfig(alpha=16)).save_adapter(tmp_path / "a")
+    other = lr.load(tiny_dir[0], config=lr.LayerRouteConfig(alpha=64))
+    with pytest.raises(lr.CheckpointError, match=r"adapter_config.json.*alpha: adapter 16.0, model 64.0"):
+        other.load_adapter(tmp_path / "a")
+
+
+def test_ignored_labels_equal_loss_mask(tiny_dir):
+    model = lr.load(tiny_dir[0])
+    x = ids(seed=13)
+    labels = x.clone()
+    labels[:, :6] = -100
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[:, :6] = False
+    a = model.train_forward(x, labels=labels).ce
+    b = model.train_forward(x, labels=x, loss_mask=mask).ce
+    assert torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"labels: ids must lie in \[0, 257\) or be -100"):
+        model.train_forward(x, labels=torch.full_like(x, 999))
+    with pytest.raises(ValueError, match="labels shape"):
+        model.train_forward(x, labels=x[:, :3])
+
+
+def test_sequence_route_mask_and_new_step(tiny_dir):
+    """The train path's route_mask has its inference counterpart; new_step re-decides."""
+    model = routed(tiny_dir[0], granularity="sequence", seed=14)
+    x = ids(batch=4, seq=12, seed=15)
+    step = torch.zeros_like(x, dtype=torch.bool)
+    step[:, 8:] = True
+    train = model.train_forward(x, route_mask=step)
+    logits, executed = model(x, route_mask=step, return_executed=True)
+    assert torch.equal(train.executed, executed)
+    assert rel_err(train.logits, logits) < 1e-5
+    _, all_tokens = model(x, return_executed=True)
+    assert not torch.equal(all_tokens, executed), "the route mask must matter in this test"
+
+    held = lr.KVCache(model.config, batch_size=4, max_len=12, dtype=torch.float32, device="cpu")
+    _, first = model(x[:, :8], cache=held, return_executed=True)
+    _, kept = model(x[:, 8:], cache=held, return_executed=True)
+    assert torch.equal(kept, first[:, :, :4])          # without new_step the decisions hold
+    fresh = lr.KVCache(model.config, batch_size=4, max_len=12, dtype=torch.float32, device="cpu")
+    model(x[:, :8], cache=fresh)
+    fresh.new_step()
+    _, second = model(x[:, 8:], cache=fresh, return_executed=True)
+    assert torch.equal(second, second[:, :, :1].expand_as(second))   # one decision per sequence
+    assert not torch.equal(second, kept)               # ... made anew from the new step's tokens
+
+
+def test_cache_of_another_dtype_is_rejected(tiny_dir):
+    model = lr.load(tiny_dir[0])
+    cache = lr.KVCache(model.config, batch_size=1, max_len=4, dtype=torch.float16, device="cpu")
+    with pytest.raises(ValueError, match="cache: built for torch.float16 on cpu, the model runs torch.float32"):
+        model(ids(1, 2), cache=cache)
+
+
+def test_gate_mix_is_exact_and_nan_safe():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    hard = torch.tensor([[True, False, True], [False, False, True]])
+    y = model_mod.gate_mix(h, out, p, hard)
+    assert torch.equal(y, torch.where(hard[..., None], out, h))
+    w = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    (y * w).sum().backward()
+    # the straight-through formula h + g (out - h), g = hard + p - p.detach()
+    h2, out2, p2 = (t.detach().clone().requires_grad_(True) for t in (h, out, p))
+    ((h2 + (hard.double() + p2 - p2.detach())[..., None] * (out2 - h2)) * w).sum().backward()
+    for a, b in [(h.grad, h2.grad), (out.grad, out2.grad), (p.grad, p2.grad)]:
+        assert torch.allclose(a, b)
+    inf_out = torch.full((1, 2, 4), float("inf"), dtype=torch.float16)
+    h16 = torch.ones(1, 2, 4, dtype=torch.float16)
+    mixed = model_mod.gate_mix(h16, inf_out, torch.zeros(1, 2), torch.tensor([[False, False]]))
+    assert torch.equal(mixed, h16)
+
+
+def test_unsupported_activation_is_rejected(tmp_path):
+    save_random_qwen2(tmp_path, hidden_act="gelu")
+    with pytest.raises(ValueError, match=r"config.json: hidden_act 'gelu' is not supported"):
+        lr.load(tmp_path)

@@ -1,0 +1,208 @@
+"""Training routers + LoRA on a frozen backbone (the method's recipe by default).
+
+AdamW on the trainable tensors only (routers and LoRA, float32), a cosine schedule with linear
+warm-up, batch x grad-accum micro-batches per optimizer step, loss = CE on the steps' own tokens
++ gate_lambda x gate term (LayerRouteConfig). bf16 autocast on CUDA. A step whose loss is NaN or
+inf is skipped (no update) and reported; more than `max_bad_steps` stop the run.
+
+Checkpoints are directories written atomically every `checkpoint_every` steps: the adapter
+(model.save_adapter) plus trainer_state.pt (optimizer, schedule, step, data position, RNG).
+`resume=True` continues from the last checkpoint exactly: on CPU the adapter after a killed and
+resumed run equals that of an uninterrupted run bit for bit (the data order is a pure function of
+the seed and the step).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .model import LayerRouteModel
+
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_DIR = "checkpoint"
+LOG_FILE = "log.csv"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 200
+    max_bad_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0 or self.max_bad_steps < 0:
+            raise ValueError("TrainConfig.warmup_steps and max_bad_steps must be >= 0")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps had a NaN or infinite loss."""
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at cfg.steps (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_indices(n_examples: int, step: int, cfg: TrainConfig) -> list[list[int]]:
+    """The micro-batches of optimizer step `step`: a pure function of (seed, step), so a
+    resumed run reads exactly the data the uninterrupted one would have. Each epoch is a
+    permutation seeded by (seed, epoch)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    perms: dict[int, list[int]] = {}
+    flat = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(pos, n_examples)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
+        flat.append(perms[epoch][k])
+    return [flat[i:i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], dict],
+          out_dir: str | os.PathLike, config: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train `model`'s routers and LoRA on `examples`; returns the final log row.
+
+    collate(list of examples) -> dict with input_ids [B, T], attention_mask [B, T] and
+    loss_mask [B, T] (the label positions that count: the step's own tokens).
+    out_dir receives log.csv, checkpoint/ (the latest, atomic) and adapter/ (the final adapter).
+    """
+    cfg = config or TrainConfig()
+    if len(examples) == 0:
+        raise ValueError("train: no training examples")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = model.model.embed_tokens.weight.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    start, bad_steps = 0, 0
+    if resume:
+        start, bad_steps = _load_state(model, opt, sched, out / CHECKPOINT_DIR, cfg)
+        _truncate_log(out / LOG_FILE, start)
+    elif (out / LOG_FILE).exists():
+        (out / LOG_FILE).unlink()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+
+    row: dict = {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc="train")
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        totals = torch.zeros(4, dtype=torch.float64)      # loss, ce, gate, skip rate
+        for micro in _batch_indices(len(examples), step, cfg):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collate([examples[i] for i in micro]).items()}
+            with autocast:
+                res = model.train_forward(batch["input_ids"], labels=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"],
+                                          loss_mask=batch["loss_mask"])
+            (res.loss / cfg.grad_accum).backward()
+            valid = batch["attention_mask"].bool()
+            skip = 1.0 - res.executed[:, valid].float().mean()
+            totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
+                                   res.gate_loss.detach().double(), skip.double()]).cpu()
+        totals /= cfg.grad_accum
+        loss, ce, gate, skip = totals.tolist()
+        finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+        if finite:
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+        else:
+            bad_steps += 1
+            tqdm.write(f"train: step {step}: loss is {loss} (not finite); step skipped "
+                       f"({bad_steps}/{cfg.max_bad_steps} allowed)", file=sys.stderr)
+            if bad_steps > cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"train: {bad_steps} steps had a NaN or infinite loss (more than "
+                    f"max_bad_steps={cfg.max_bad_steps}); last good checkpoint in {out / CHECKPOINT_DIR}")
+        sched.step()
+        row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
+               "lr": sched.get_last_lr()[0], "skipped_update": int(not finite)}
+        _append_log(out / LOG_FILE, row)
+        bar.set_postfix(loss=f"{loss:.3f}", skip=f"{skip:.2f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_state(model, opt, sched, out / CHECKPOINT_DIR, step + 1, bad_steps, cfg)
+    model.save_adapter(out / "adapter")
+    checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
+    return row
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log rows up to `step` (those after the checkpoint are run again on resume)."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _save_state(model, opt, sched, path: Path, step: int, bad_steps: int, cfg: TrainConfig) -> None:
+    """The adapter and everything a resumed run needs, as one atomically written directory."""
+    checkpoint.check_replaceable(path, {"adapter", STATE_FILE})
+    with checkpoint.atomic_dir(path) as tmp:
+        model.save_adapter(tmp / "adapter")
+        torch.save({"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "train_config": asdict(cfg),
+                    "rng": torch.random.get_rng_state()}, tmp / STATE_FILE)
+
+
+def _load_state(model, opt, sched, path: Path, cfg: TrainConfig) -> tuple[int, int]:
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train --resume: no checkpoint at {path} ({STATE_FILE} missing)")
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    saved = {k: v for k, v in state["train_config"].items() if k != "steps"}
+    now = {k: v for k, v in asdict(cfg).items() if k != "steps"}
+    if saved != now:
+        diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+        raise ValueError(f"train --resume: {path / STATE_FILE} was written with another "
+                         f"training config (saved, now): {json.dumps(diff)}")
+    model.load_adapter(path / "adapter")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.random.set_rng_state(state["rng"])
+    return state["step"], state["bad_steps"]
