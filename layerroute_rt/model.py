@@ -18,6 +18,7 @@ the backbone dtype, are `model.layers.{i}.router.{weight,bias}` and `...{proj}.l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class LoRALinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.scale = scale
+        self.adapter_enabled = True
         if rank is None:
             self.lora_A = self.lora_B = None
         else:
@@ -83,7 +85,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.adapter_enabled:
             y = y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y
 
@@ -253,6 +255,18 @@ class LayerRouteModel(nn.Module):
             for m in block.lora_layers():
                 m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.lora_A.shape[1] ** 0.5)
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * lora_std)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Within the block, LoRA is off: the frozen base (with tau=0, the plain backbone)."""
+        layers = [m for block in self.blocks for m in block.lora_layers()]
+        for m in layers:
+            m.adapter_enabled = False
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.adapter_enabled = True
 
     def save_adapter(self, path) -> None:
         """Save routers + LoRA and both configs to the directory `path` (atomically)."""

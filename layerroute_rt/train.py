@@ -85,6 +85,16 @@ def _batch_indices(n_examples: int, step: int, cfg: TrainConfig) -> list[list[in
     return [flat[i:i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
 
+def route_mask(batch: dict, granularity: str) -> torch.Tensor | None:
+    """The tokens a `sequence` router averages: the step's context (the prompt), as at
+    inference, where the decision is made when the prompt is prefilled. None for `token`."""
+    if granularity != "sequence":
+        return None
+    attn = batch["attention_mask"].bool()
+    context = attn & ~batch["loss_mask"].bool()
+    return torch.where(context.any(1, keepdim=True), context, attn)   # no context: the step
+
+
 def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], dict],
           out_dir: str | os.PathLike, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True) -> dict:
@@ -124,7 +134,8 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
             with autocast:
                 res = model.train_forward(batch["input_ids"], labels=batch["input_ids"],
                                           attention_mask=batch["attention_mask"],
-                                          loss_mask=batch["loss_mask"])
+                                          loss_mask=batch["loss_mask"],
+                                          route_mask=route_mask(batch, model.lr_config.granularity))
             (res.loss / cfg.grad_accum).backward()
             valid = batch["attention_mask"].bool()
             skip = 1.0 - res.executed[:, valid].float().mean()
