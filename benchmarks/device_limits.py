@@ -1,4 +1,5 @@
-"""The device's measured limits, against which every benchmark states its figures.
+"""The device's measured limits, against which every benchmark states its figures, and the
+CUDA-graph helper the microbenchmarks time with.
 
 copy_bandwidth_gbs(): device-to-device copy of a 1 GiB buffer (read + write bytes / time).
 matmul_peak_tflops(dtype): a large square matmul (8192^3), the achievable dense peak.
@@ -42,3 +43,19 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16) -> float:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def graphed(fn, reps: int) -> torch.cuda.CUDAGraph:
+    """fn run reps times, captured in a CUDA graph after a warm-up on a side stream (which
+    compiles and autotunes the kernels), so a replay times the kernels and not the launches."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph
