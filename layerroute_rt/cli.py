@@ -1,10 +1,18 @@
 """The `layerroute` command.
 
-    layerroute demo [--model DIR] [--adapter DIR] [--prompt TEXT | --prompt-ids 1 2 3] ...
+    layerroute demo  [--model DIR] [--adapter DIR] [--prompt TEXT | --prompt-ids 1 2 3] ...
+    layerroute train --model DIR --out DIR [--data FILE | --synthetic N] [--resume] ...
+    layerroute eval  --model DIR --out DIR (--adapter DIR | --seeds 0 1 2) [--data FILE] ...
 
 demo: load a Qwen2 checkpoint directory (or, without --model, build a small random Qwen2 model
 and write it as a Hugging Face directory first), generate, and print the tokens with the
 per-layer skip map, the FLOPs skipped and the time per token.
+train: train routers + LoRA on step-typed agentic data (a file in one of data.FORMATS, or
+synthetic trajectories), tokenized with the checkpoint's own tokenizer; the data is split by
+trajectory and the held-out part is never trained on.
+eval: per step type, on the held-out split and on its length-matched split: skip rate, FLOPs
+skipped, perplexity of the frozen base and of base + adapter; with --seeds, trains one adapter per
+seed and reports the skip differential's mean, std and 95% interval (eval.json, eval.md, PNG).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .config import LayerRouteConfig
 from .generate import generate
 from .model import load
 
@@ -115,6 +124,111 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_data(args: argparse.Namespace, model_dir: Path):
+    """(train examples, {"heldout": ..., "length_matched": ...}) for train and eval."""
+    from . import data
+
+    tok = _tokenizer(model_dir)
+    if tok is None:
+        raise ValueError(f"{model_dir}: no tokenizer (tokenizer.json); train and eval tokenize "
+                         f"with the checkpoint's own tokenizer")
+    if args.data:
+        trajectories = data.load_dataset(args.data, args.format)
+    else:
+        trajectories = data.generate_trajectories(args.synthetic, seed=args.data_seed)
+    train_part, heldout = data.heldout_split(trajectories, args.heldout, seed=args.data_seed)
+    def build(ts):
+        return data.build_examples(ts, tok, max_length=args.max_length)
+
+    heldout_examples = build(heldout)
+    splits = {"heldout": heldout_examples,
+              "length_matched": data.length_matched_split(heldout_examples, seed=args.data_seed)}
+    return build(train_part), splits
+
+
+def _configs(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    lr_cfg = LayerRouteConfig(rank=args.rank, alpha=args.alpha, tau=args.tau or 0.5,
+                              granularity=args.granularity or "token",
+                              kv_policy=args.kv_policy or "compute",
+                              gate_lambda=args.gate_lambda, target_rate=args.target_rate)
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            lr=args.lr, warmup_steps=args.warmup_steps,
+                            checkpoint_every=args.checkpoint_every, seed=args.seed)
+    return lr_cfg, train_cfg
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    from .data import collate
+    from .train import train
+
+    model_dir = Path(args.model)
+    train_examples, _ = _experiment_data(args, model_dir)
+    lr_cfg, train_cfg = _configs(args)
+    model = load(model_dir, config=lr_cfg, device=args.device, dtype=DTYPES[args.dtype])
+    model.reset_adapter(args.seed)
+    print(f"train: {len(train_examples)} step examples; adapter -> {Path(args.out) / 'adapter'}")
+    row = train(model, train_examples, collate, args.out, train_cfg, resume=args.resume)
+    print(f"train: done at step {row.get('step')}: loss {row.get('loss', float('nan')):.4f}, "
+          f"skip rate {row.get('skip_rate', float('nan')):.3f}")
+    return 0
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    from .data import collate
+    from .evaluate import aggregate, evaluate, markdown, run_seeds, write_report
+
+    model_dir = Path(args.model)
+    train_examples, splits = _experiment_data(args, model_dir)
+    if args.seeds:
+        lr_cfg, train_cfg = _configs(args)
+        report = run_seeds(model_dir, train_examples, splits, collate, args.seeds, args.out,
+                           config=lr_cfg, train_config=train_cfg, device=args.device,
+                           dtype=DTYPES[args.dtype], batch_size=args.eval_batch_size)
+    elif args.adapter:
+        model = load(model_dir, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
+        per = {"adapter": {name: evaluate(model, ex, collate, args.eval_batch_size)
+                           for name, ex in splits.items()}}
+        report = {"backbone": str(model_dir), "adapter": str(args.adapter), "seeds": ["adapter"],
+                  "layerroute_config": model.lr_config.to_dict(),
+                  "split_sizes": {name: len(ex) for name, ex in splits.items()},
+                  "per_seed": per, "summary": aggregate(per)}
+        write_report(report, args.out)
+    else:
+        raise ValueError("eval: give --adapter DIR (evaluate it) or --seeds S [S ...] (train and evaluate)")
+    print(markdown(report))
+    print(f"eval: eval.json, eval.md and skip_heatmap.png written to {args.out}")
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face Qwen2 checkpoint directory with its tokenizer")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data", help="a data file (OpenAI, ShareGPT, Hermes, Glaive or xLAM); default: synthetic")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--synthetic", type=int, default=2000, help="synthetic trajectories when no --data")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--heldout", type=float, default=0.1, help="fraction of trajectories held out")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--tau", type=float)
+    p.add_argument("--granularity", choices=("token", "sequence"))
+    p.add_argument("--kv-policy", choices=("compute", "drop"))
+    p.add_argument("--gate-lambda", type=float, default=1.0)
+    p.add_argument("--target-rate", type=float)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerroute", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    p = sub.add_parser("train", help="train routers + LoRA on step-typed agentic data")
+    _data_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.set_defaults(func=train_cmd)
+    p = sub.add_parser("eval", help="evaluate by step type (and train several seeds with --seeds)")
+    _data_args(p)
+    p.add_argument("--adapter", help="the adapter to evaluate")
+    p.add_argument("--seeds", type=int, nargs="+", help="train and evaluate one adapter per seed")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.set_defaults(func=eval_cmd)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

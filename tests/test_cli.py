@@ -53,3 +53,32 @@ def test_demo_text_prompt_needs_a_tokenizer(tmp_path, capsys):
     model_dir = cli.build_demo_backbone(tmp_path / "m", seed=1)
     assert cli.main(["demo", "--model", str(model_dir), "--prompt", "hello"]) == 2
     assert "--prompt needs the checkpoint's tokenizer" in capsys.readouterr().err
+
+
+def test_train_and_eval_commands(tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from layerroute_rt import data
+
+    texts = [data.render_trajectory(t) for t in data.generate_trajectories(30, seed=3)]
+    tok = data.train_tokenizer(texts, vocab_size=400)
+    model_dir = tmp_path / "m"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--synthetic", "20", "--max-length", "192", "--batch-size", "2",
+              "--grad-accum", "1", "--steps", "2", "--warmup-steps", "1", "--checkpoint-every", "2",
+              "--heldout", "0.3"]
+    assert cli.main(["train", "--out", str(tmp_path / "t"), *common]) == 0
+    assert (tmp_path / "t" / "adapter" / "adapter.safetensors").exists()
+    assert cli.main(["eval", "--out", str(tmp_path / "e"), "--adapter", str(tmp_path / "t" / "adapter"),
+                     *common]) == 0
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert set(report["per_seed"]["adapter"]) == {"heldout", "length_matched"}
+    assert cli.main(["eval", "--out", str(tmp_path / "s"), "--seeds", "0", "1", *common]) == 0
+    assert "Skip differential" in (tmp_path / "s" / "eval.md").read_text()
+    assert cli.main(["eval", "--out", str(tmp_path / "x"), *common]) == 2
+    assert "give --adapter DIR" in capsys.readouterr().err
