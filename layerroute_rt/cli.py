@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,11 +28,13 @@ import torch
 from . import checkpoint
 from .config import LayerRouteConfig
 from .generate import generate
+from .train import TrainingDiverged
 from .model import load
 
 DEMO_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                   rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=1024)
+DATA_RECORD = "data_config.json"   # written by `train`: where its data came from, what it trained on
 DEFAULT_PROMPT = "Find flights from Paris to Rome on 3 May."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,6 +65,12 @@ def skip_map(executed: torch.Tensor, valid: torch.Tensor, prompt_len: int, width
     return "\n".join(lines)
 
 
+def _apply_runtime_flags(model, args: argparse.Namespace) -> None:
+    """The flags given override the adapter's stored (or the default) runtime settings."""
+    given = {k: getattr(args, k) for k in ("tau", "granularity", "kv_policy") if getattr(args, k) is not None}
+    model.lr_config = dataclasses.replace(model.lr_config, **given)
+
+
 def _tokenizer(model_dir: Path):
     """The checkpoint's own tokenizer, if it ships one (local files only)."""
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -80,9 +89,7 @@ def demo(args: argparse.Namespace) -> int:
         else:
             model_dir = Path(args.model)
         model = load(model_dir, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
-    # The flags given override the adapter's stored (or the default) runtime settings.
-    given = {k: getattr(args, k) for k in ("tau", "granularity", "kv_policy") if getattr(args, k) is not None}
-    model.lr_config = dataclasses.replace(model.lr_config, **given)
+    _apply_runtime_flags(model, args)
     random_routers = args.random_routers if args.random_routers is not None else (
         args.seed if args.model is None and args.adapter is None else None)
     if random_routers is not None:
@@ -137,19 +144,47 @@ def _experiment_data(args: argparse.Namespace, model_dir: Path):
     else:
         trajectories = data.generate_trajectories(args.synthetic, seed=args.data_seed)
     train_part, heldout = data.heldout_split(trajectories, args.heldout, seed=args.data_seed)
+    provenance = {"data": str(args.data) if args.data else f"synthetic:{args.synthetic}",
+                  "format": args.format, "data_seed": args.data_seed, "heldout": args.heldout,
+                  "max_length": args.max_length,
+                  "trained_trajectories": [t.id for t in train_part]}
+
     def build(ts):
         return data.build_examples(ts, tok, max_length=args.max_length)
 
     heldout_examples = build(heldout)
-    splits = {"heldout": heldout_examples,
-              "length_matched": data.length_matched_split(heldout_examples, seed=args.data_seed)}
-    return build(train_part), splits
+    candidates = {"heldout": heldout_examples,
+                  "length_matched": data.length_matched_split(heldout_examples, seed=args.data_seed)}
+    splits = {name: ex for name, ex in candidates.items() if ex}
+    for name in candidates.keys() - splits.keys():
+        print(f"note: the {name} split is empty (no tool_call/planning steps of matching length "
+              f"in the held-out data); it is left out", file=sys.stderr)
+    if not splits:
+        raise ValueError(f"no held-out steps to evaluate: raise --heldout (now {args.heldout}) or "
+                         f"give more data")
+    return build(train_part), splits, provenance
+
+
+def _check_heldout(adapter: Path, splits: dict) -> None:
+    """Refuse to evaluate an adapter on steps of trajectories it was trained on."""
+    record = adapter.parent / DATA_RECORD
+    if not record.is_file():
+        print(f"note: {record} not found: cannot check that the evaluated steps were held out "
+              f"from this adapter's training", file=sys.stderr)
+        return
+    trained = set(json.loads(record.read_text(encoding="utf-8"))["trained_trajectories"])
+    seen = sorted({e.traj_id for ex in splits.values() for e in ex} & trained)
+    if seen:
+        raise ValueError(f"eval: {len(seen)} evaluated trajectories were used to train {adapter} "
+                         f"(per {record}; e.g. {seen[:3]}); evaluate with the same --data, "
+                         f"--synthetic, --data-seed and --heldout as training")
 
 
 def _configs(args: argparse.Namespace):
     from .train import TrainConfig
 
-    lr_cfg = LayerRouteConfig(rank=args.rank, alpha=args.alpha, tau=args.tau or 0.5,
+    lr_cfg = LayerRouteConfig(rank=args.rank, alpha=args.alpha,
+                              tau=0.5 if args.tau is None else args.tau,
                               granularity=args.granularity or "token",
                               kv_policy=args.kv_policy or "compute",
                               gate_lambda=args.gate_lambda, target_rate=args.target_rate)
@@ -164,35 +199,38 @@ def train_cmd(args: argparse.Namespace) -> int:
     from .train import train
 
     model_dir = Path(args.model)
-    train_examples, _ = _experiment_data(args, model_dir)
+    train_examples, _, provenance = _experiment_data(args, model_dir)
     lr_cfg, train_cfg = _configs(args)
     model = load(model_dir, config=lr_cfg, device=args.device, dtype=DTYPES[args.dtype])
     model.reset_adapter(args.seed)
     print(f"train: {len(train_examples)} step examples; adapter -> {Path(args.out) / 'adapter'}")
     row = train(model, train_examples, collate, args.out, train_cfg, resume=args.resume)
+    checkpoint.atomic_write_json(Path(args.out) / DATA_RECORD, provenance)
     print(f"train: done at step {row.get('step')}: loss {row.get('loss', float('nan')):.4f}, "
           f"skip rate {row.get('skip_rate', float('nan')):.3f}")
     return 0
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from .data import collate
+    from .data import collate, split_stats
     from .evaluate import aggregate, evaluate, markdown, run_seeds, write_report
 
     model_dir = Path(args.model)
-    train_examples, splits = _experiment_data(args, model_dir)
+    train_examples, splits, _ = _experiment_data(args, model_dir)
     if args.seeds:
         lr_cfg, train_cfg = _configs(args)
         report = run_seeds(model_dir, train_examples, splits, collate, args.seeds, args.out,
                            config=lr_cfg, train_config=train_cfg, device=args.device,
                            dtype=DTYPES[args.dtype], batch_size=args.eval_batch_size)
     elif args.adapter:
+        _check_heldout(Path(args.adapter), splits)
         model = load(model_dir, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
+        _apply_runtime_flags(model, args)
         per = {"adapter": {name: evaluate(model, ex, collate, args.eval_batch_size)
                            for name, ex in splits.items()}}
         report = {"backbone": str(model_dir), "adapter": str(args.adapter), "seeds": ["adapter"],
                   "layerroute_config": model.lr_config.to_dict(),
-                  "split_sizes": {name: len(ex) for name, ex in splits.items()},
+                  "splits": {name: split_stats(ex) for name, ex in splits.items()},
                   "per_seed": per, "summary": aggregate(per)}
         write_report(report, args.out)
     else:
@@ -263,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, checkpoint.CheckpointError, FileNotFoundError) as e:
+    except (ValueError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError,
+            TrainingDiverged) as e:
         print(f"layerroute {args.command}: error: {e}", file=sys.stderr)
         return 2
 

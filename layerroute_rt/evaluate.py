@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from .config import LayerRouteConfig
+from .data.splits import split_stats
 from .flops import flops_report
 from .model import LayerRouteModel, load
 from .train import TrainConfig, route_mask, train
@@ -34,14 +34,6 @@ from .train import TrainConfig, route_mask, train
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy [B, T] at the label positions of loss_mask (0 elsewhere)."""
-    ce = torch.zeros(loss_mask.shape, dtype=torch.float64, device=logits.device)
-    ce[:, 1:] = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), input_ids[:, 1:],
-                                reduction="none")
-    return ce * loss_mask
 
 
 @torch.no_grad()
@@ -62,11 +54,13 @@ def evaluate(model: LayerRouteModel, examples: Sequence, collate: Callable[[list
         attn = batch["attention_mask"].to(device).bool()
         step = batch["loss_mask"].to(device).bool() & attn
         rmask = route_mask({"attention_mask": attn, "loss_mask": step}, model.lr_config.granularity)
-        out = model.train_forward(ids, attention_mask=attn, route_mask=rmask, tau=tau)
-        ce_adapter = _token_ce(out.logits, ids, step).cpu()
+        out = model.train_forward(ids, labels=ids, attention_mask=attn, loss_mask=step,
+                                  route_mask=rmask, tau=tau, full_logits=False)
+        ce_adapter = out.token_ce.double().cpu()
         with model.adapter_disabled():
-            base = model.train_forward(ids, attention_mask=attn, tau=0.0)
-        ce_base = _token_ce(base.logits, ids, step).cpu()
+            base = model.train_forward(ids, labels=ids, attention_mask=attn, loss_mask=step,
+                                       tau=0.0, full_logits=False)
+        ce_base = base.token_ce.double().cpu()
         executed, step, attn = out.executed.cpu(), step.cpu(), attn.cpu()
         context = attn.long().cumsum(1)
         for b, step_type in enumerate(batch["step_type"]):
@@ -143,7 +137,13 @@ def markdown(report: dict) -> str:
     lines = []
     n = len(report["seeds"])
     for split, s in report["summary"].items():
-        lines += [f"### {split} split ({n} seed{'s' if n > 1 else ''}: mean ± std)", "",
+        stats = report.get("splits", {}).get(split)
+        lines += [f"### {split} split ({n} seed{'s' if n > 1 else ''}: mean ± std)", ""]
+        if stats:
+            lines += [f"{sum(stats['n'].values())} steps; mean step length (tokens) by type: "
+                      + ", ".join(f"{t} {v:.1f}" for t, v in stats["mean_step_len"].items())
+                      + f"; correlation of type (tool_call) with length: r = {stats['r_type_length']:+.2f}", ""]
+        lines += [
                   "| step type | skip rate | block FLOPs skipped | total FLOPs skipped | ppl base | ppl adapter | ppl delta |",
                   "|---|---|---|---|---|---|---|"]
         for t, m in sorted(s["by_type"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
@@ -218,7 +218,7 @@ def run_seeds(backbone_dir, train_examples: Sequence, splits: dict[str, Sequence
     report = {"backbone": str(backbone_dir), "seeds": list(seeds),
               "layerroute_config": model.lr_config.to_dict(),
               "train_config": dataclasses.asdict(train_config),
-              "split_sizes": {name: len(ex) for name, ex in splits.items()},
+              "splits": {name: split_stats(ex) for name, ex in splits.items()},
               "per_seed": per_seed, "summary": aggregate(per_seed)}
     write_report(report, out)
     return report

@@ -122,8 +122,9 @@ class Block(nn.Module):
         """p = sigmoid(w . h + b) for every row of h [..., hidden] -> [...], in float32 at least
         (a bf16 router would flip decisions near tau)."""
         h = _at_least_fp32(h)
-        return torch.sigmoid(F.linear(h, self.router.weight.to(h.dtype),
-                                      self.router.bias.to(h.dtype))).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):     # autocast would run it in bf16
+            return torch.sigmoid(F.linear(h, self.router.weight.to(h.dtype),
+                                          self.router.bias.to(h.dtype))).squeeze(-1)
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.down_proj(F.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
@@ -198,12 +199,13 @@ class KVCache:
 
 @dataclass
 class TrainOutput:
-    logits: torch.Tensor        # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab] (None with full_logits=False)
     loss: torch.Tensor | None   # ce + gate_lambda * gate_loss (None without labels)
     ce: torch.Tensor | None     # next-token cross entropy over the loss mask
     gate_loss: torch.Tensor     # mean(p), or (mean(p) - target_rate)^2
     probs: torch.Tensor         # router probabilities [L, B, T] (sequence: broadcast over T)
     executed: torch.Tensor      # hard decisions [L, B, T] bool (padding: False)
+    token_ce: torch.Tensor | None = None   # [B, T]: CE of the label at t (0 where not scored)
 
 
 class LayerRouteModel(nn.Module):
@@ -336,13 +338,15 @@ class LayerRouteModel(nn.Module):
     def train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                       route_mask: torch.Tensor | None = None, tau: float | None = None,
-                      skip_layers=None) -> TrainOutput:
+                      skip_layers=None, full_logits: bool = True) -> TrainOutput:
         """Autograd path: every token computes every block; straight-through hard gates.
 
         labels [B, T]: the next-token targets are labels[:, 1:] for logits[:, :-1]; loss_mask
         [B, T] marks the label positions that count (the step's own tokens; default: all
         attended). route_mask [B, T] marks the tokens whose mean feeds a `sequence` router and
-        whose p counts in the gate term (default: attention_mask).
+        whose p counts in the gate term (default: attention_mask); under `sequence` each
+        sequence counts once in the gate term. full_logits=False (with labels) computes the
+        logits only where a label is scored: out.logits is then None, out.token_ce has the loss.
         """
         cfg, lr = self.config, self.lr_config
         tau, skip = self._tau(tau), self._skip_set(skip_layers)
@@ -368,12 +372,15 @@ class LayerRouteModel(nn.Module):
             h = gate_mix(h, out, p, hard)
             probs.append(p)
             executed.append(hard)
-        logits = self._logits(h)
         probs_t, executed_t = torch.stack(probs), torch.stack(executed)
-        n_route = route_f.sum().clamp(min=1) * len(self.blocks)
-        mean_p = (probs_t * route_f).sum() / n_route
+        if lr.granularity == "token":
+            mean_p = (probs_t * route_f).sum() / (route_f.sum().clamp(min=1) * len(self.blocks))
+        else:                                    # one p per sequence: each sequence counts once
+            seqs = route.any(1).float()
+            mean_p = (probs_t[:, :, 0] * seqs).sum() / (seqs.sum().clamp(min=1) * len(self.blocks))
         gate_loss = mean_p if lr.target_rate is None else (mean_p - lr.target_rate) ** 2
-        ce = loss = None
+        ce = loss = token_ce = None
+        logits = self._logits(h) if full_logits or labels is None else None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
@@ -384,12 +391,14 @@ class LayerRouteModel(nn.Module):
             if bad.any():
                 raise ValueError(f"labels: ids must lie in [0, {cfg.vocab_size}) or be -100, got "
                                  f"{labels[bad][:5].tolist()}")
-            tgt_mask = lmask[:, 1:] & valid[:, :-1]
-            ce_tok = F.cross_entropy(_at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1]),
-                                     labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
-            ce = (ce_tok * tgt_mask.reshape(-1)).sum() / tgt_mask.sum().clamp(min=1)
+            tgt_mask = lmask[:, 1:] & valid[:, :-1]        # positions predicting a scored label
+            scored = logits[:, :-1][tgt_mask] if logits is not None else self._logits(h[:, :-1][tgt_mask])
+            ce_sel = F.cross_entropy(_at_least_fp32(scored), labels[:, 1:][tgt_mask], reduction="none")
+            token_ce = torch.zeros(B, T, dtype=ce_sel.dtype, device=h.device)
+            token_ce[:, 1:][tgt_mask] = ce_sel
+            ce = ce_sel.sum() / tgt_mask.sum().clamp(min=1)
             loss = ce + lr.gate_lambda * gate_loss
-        return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t)
+        return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce)
 
     def _block_dense(self, block: Block, h, cos, sin, mask) -> torch.Tensor:
         """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom."""

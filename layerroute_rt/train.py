@@ -14,6 +14,7 @@ the seed and the step).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -114,11 +115,16 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     start, bad_steps = 0, 0
+    run = {"layerroute_config": model.lr_config.to_dict(), "n_examples": len(examples),
+           "data_fingerprint": _fingerprint(examples)}
     if resume:
-        start, bad_steps = _load_state(model, opt, sched, out / CHECKPOINT_DIR, cfg)
+        start, bad_steps = _load_state(model, opt, sched, _checkpoint_dir(out), cfg, run)
         _truncate_log(out / LOG_FILE, start)
-    elif (out / LOG_FILE).exists():
-        (out / LOG_FILE).unlink()
+    else:
+        if _checkpoint_dir(out, required=False) is not None:
+            raise FileExistsError(f"train: {out / CHECKPOINT_DIR} holds an earlier run's checkpoint; "
+                                  f"pass resume=True (--resume) to continue it, or choose a new output directory")
+        (out / LOG_FILE).unlink(missing_ok=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         torch.autocast("cpu", enabled=False)
 
@@ -127,6 +133,7 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                desc="train")
     for step in bar:
         opt.zero_grad(set_to_none=True)
+        lr_now = sched.get_last_lr()[0]
         totals = torch.zeros(4, dtype=torch.float64)      # loss, ce, gate, skip rate
         for micro in _batch_indices(len(examples), step, cfg):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -135,18 +142,19 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                 res = model.train_forward(batch["input_ids"], labels=batch["input_ids"],
                                           attention_mask=batch["attention_mask"],
                                           loss_mask=batch["loss_mask"],
-                                          route_mask=route_mask(batch, model.lr_config.granularity))
+                                          route_mask=route_mask(batch, model.lr_config.granularity),
+                                          full_logits=False)
             (res.loss / cfg.grad_accum).backward()
-            valid = batch["attention_mask"].bool()
-            skip = 1.0 - res.executed[:, valid].float().mean()
+            scored = batch["attention_mask"].bool() & batch["loss_mask"].bool()
+            skip = 1.0 - res.executed[:, scored].float().mean()       # on the steps' own tokens
             totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
                                    res.gate_loss.detach().double(), skip.double()]).cpu()
         totals /= cfg.grad_accum
         loss, ce, gate, skip = totals.tolist()
-        finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+        # One norm over all gradients: it clips, and it is not finite iff some gradient is not.
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
         if finite:
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
         else:
             bad_steps += 1
@@ -158,11 +166,11 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                     f"max_bad_steps={cfg.max_bad_steps}); last good checkpoint in {out / CHECKPOINT_DIR}")
         sched.step()
         row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
-               "lr": sched.get_last_lr()[0], "skipped_update": int(not finite)}
+               "lr": lr_now, "skipped_update": int(not finite)}
         _append_log(out / LOG_FILE, row)
         bar.set_postfix(loss=f"{loss:.3f}", skip=f"{skip:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_state(model, opt, sched, out / CHECKPOINT_DIR, step + 1, bad_steps, cfg)
+            _save_state(model, opt, sched, out / CHECKPOINT_DIR, step + 1, bad_steps, cfg, run)
     model.save_adapter(out / "adapter")
     checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
     return row
@@ -192,28 +200,54 @@ def _append_log(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
-def _save_state(model, opt, sched, path: Path, step: int, bad_steps: int, cfg: TrainConfig) -> None:
+def _fingerprint(examples: Sequence) -> str:
+    """A hash of the training data, so that a resumed run is known to read the same examples."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr(getattr(e, "input_ids", e)).encode())
+    return h.hexdigest()
+
+
+def _checkpoint_dir(out: Path, required: bool = True) -> Path | None:
+    """out/checkpoint; if a kill fell between atomic_dir's two renames, the complete new copy
+    (a hidden .tmp sibling, fsynced before the renames) or else the old one (.old)."""
+    path = out / CHECKPOINT_DIR
+    if (path / STATE_FILE).is_file():
+        return path
+    for kind in ("tmp", "old"):
+        found = sorted(out.glob(f".{CHECKPOINT_DIR}.*.{kind}"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in found if (p / STATE_FILE).is_file() and (p / "adapter").is_dir()]
+        if found and not path.exists():
+            return found[-1]
+    if required:
+        raise FileNotFoundError(f"train --resume: no checkpoint at {path} ({STATE_FILE} missing)")
+    return None
+
+
+def _save_state(model, opt, sched, path: Path, step: int, bad_steps: int, cfg: TrainConfig,
+                run: dict) -> None:
     """The adapter and everything a resumed run needs, as one atomically written directory."""
     checkpoint.check_replaceable(path, {"adapter", STATE_FILE})
     with checkpoint.atomic_dir(path) as tmp:
         model.save_adapter(tmp / "adapter")
         torch.save({"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "train_config": asdict(cfg),
-                    "rng": torch.random.get_rng_state()}, tmp / STATE_FILE)
+                    "scheduler": sched.state_dict(), "train_config": asdict(cfg), **run},
+                   tmp / STATE_FILE)
 
 
-def _load_state(model, opt, sched, path: Path, cfg: TrainConfig) -> tuple[int, int]:
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"train --resume: no checkpoint at {path} ({STATE_FILE} missing)")
+def _load_state(model, opt, sched, path: Path, cfg: TrainConfig, run: dict) -> tuple[int, int]:
     state = torch.load(path / STATE_FILE, weights_only=True)
-    saved = {k: v for k, v in state["train_config"].items() if k != "steps"}
-    now = {k: v for k, v in asdict(cfg).items() if k != "steps"}
-    if saved != now:
-        diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-        raise ValueError(f"train --resume: {path / STATE_FILE} was written with another "
-                         f"training config (saved, now): {json.dumps(diff)}")
+    saved = {**{f"train_config.{k}": v for k, v in state["train_config"].items()},
+             **{f"layerroute_config.{k}": v for k, v in (state.get("layerroute_config") or {}).items()},
+             "n_examples": state.get("n_examples"), "data_fingerprint": state.get("data_fingerprint")}
+    now = {**{f"train_config.{k}": v for k, v in asdict(cfg).items()},
+           **{f"layerroute_config.{k}": v for k, v in run["layerroute_config"].items()},
+           "n_examples": run["n_examples"], "data_fingerprint": run["data_fingerprint"]}
+    diff = {k: [saved.get(k), now[k]] for k in now if saved.get(k) != now[k]}
+    if diff:
+        raise ValueError(f"train --resume: {path / STATE_FILE} was written by another run "
+                         f"(saved, now): {json.dumps(diff, default=str)[:2000]}")
     model.load_adapter(path / "adapter")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.random.set_rng_state(state["rng"])
     return state["step"], state["bad_steps"]

@@ -82,3 +82,18 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert "Skip differential" in (tmp_path / "s" / "eval.md").read_text()
     assert cli.main(["eval", "--out", str(tmp_path / "x"), *common]) == 2
     assert "give --adapter DIR" in capsys.readouterr().err
+    # train recorded what it trained on; eval refuses steps of those trajectories
+    record = json.loads((tmp_path / "t" / "data_config.json").read_text())
+    assert record["data"] == "synthetic:20" and len(record["trained_trajectories"]) == 14
+    other_split = list(common)
+    other_split[other_split.index("0.3")] = "0.5"       # another held-out fraction: overlaps training
+    assert cli.main(["eval", "--out", str(tmp_path / "y"), "--adapter", str(tmp_path / "t" / "adapter"),
+                     *other_split]) == 2
+    assert "evaluated trajectories were used to train" in capsys.readouterr().err
+    # runtime flags reach the evaluated model, --tau 0 included
+    assert cli.main(["eval", "--out", str(tmp_path / "z"), "--adapter", str(tmp_path / "t" / "adapter"),
+                     *common, "--tau", "0", "--granularity", "sequence"]) == 0
+    cfg = json.loads((tmp_path / "z" / "eval.json").read_text())["layerroute_config"]
+    assert cfg["tau"] == 0.0 and cfg["granularity"] == "sequence"
+    skip = json.loads((tmp_path / "z" / "eval.json").read_text())["per_seed"]["adapter"]["heldout"]["all"]
+    assert skip["skip_rate"] == 0.0

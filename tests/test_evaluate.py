@@ -42,6 +42,7 @@ def test_metrics_match_direct_computation(tiny):
     for kind in ("tool_call", "planning"):
         chosen = [e for e in ex if e.step_type == kind]
         ce_base, ce_adapter, ran, n = 0.0, 0.0, 0.0, 0
+        flops = [0.0, 0.0, 0.0, 0.0]
         for e in chosen:
             ids = torch.tensor([e.input_ids])
             mask = torch.tensor(e.loss_mask)
@@ -54,12 +55,18 @@ def test_metrics_match_direct_computation(tiny):
                     ce_adapter += float(F.cross_entropy(logits[0, t - 1].double(), ids[0, t]))
             ran += float(executed[:, 0, mask].float().sum())
             n += int(mask.sum())
+            r = lr.flops_report(model.config, model.lr_config, executed,
+                                torch.arange(1, len(e.input_ids) + 1)[None], mask[None])
+            for k, v in enumerate((r.block_flops, r.block_flops_run, r.total_flops, r.total_flops_run)):
+                flops[k] += v
         m = res[kind]
         assert m["n_tokens"] == n and m["n_steps"] == len(chosen)
         assert m["ppl_base"] == pytest.approx(math.exp(ce_base / n), rel=1e-4)
         assert m["ppl_adapter"] == pytest.approx(math.exp(ce_adapter / n), rel=1e-4)
         assert m["skip_rate"] == pytest.approx(1 - ran / (n * model.config.num_hidden_layers))
-        assert 0 < m["block_flops_skipped_pct"] < 100
+        assert m["block_flops_skipped_pct"] == pytest.approx(100 * (1 - flops[1] / flops[0]))
+        assert m["total_flops_skipped_pct"] == pytest.approx(100 * (1 - flops[3] / flops[2]))
+        assert 0 < m["total_flops_skipped_pct"] < m["block_flops_skipped_pct"]
 
 
 def test_summarize_interval():
@@ -80,7 +87,10 @@ def test_seeds_report_and_recompute_from_saved_adapter(tiny, tmp_path):
     md = (tmp_path / "eval.md").read_text()
     assert "### heldout split (3 seeds" in md and "Skip differential" in md
     d = report["summary"]["heldout"]["differential"]["total_flops_skipped_pct"]
-    assert d["n"] == 3 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert d["n"] == 3 and d["ci95"] == summarize(d["values"])["ci95"]
+    assert d["values"] == [report["per_seed"][s]["heldout"]["tool_call"]["total_flops_skipped_pct"]
+                           - report["per_seed"][s]["heldout"]["planning"]["total_flops_skipped_pct"]
+                           for s in ("0", "1", "2")]
     per_seed = [report["per_seed"][s]["heldout"] for s in ("0", "1", "2")]
     assert per_seed[0]["tool_call"]["ppl_adapter"] != per_seed[1]["tool_call"]["ppl_adapter"]
     again = lr.load(path, adapter=tmp_path / "seed1" / "adapter")

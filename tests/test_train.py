@@ -97,15 +97,55 @@ def test_killed_and_resumed_run_equals_uninterrupted(backbone, tmp_path, monkeyp
     assert read_log(tmp_path / "full" / "log.csv") == read_log(tmp_path / "resumed" / "log.csv")
 
 
-def test_resume_with_another_config_is_refused(backbone, tmp_path):
+def test_resume_with_another_run_is_refused(backbone, tmp_path):
     model = lr.load(backbone)
     train(model, toy_examples(), collate, tmp_path, TrainConfig(steps=5, **CFG), progress=False)
-    with pytest.raises(ValueError, match=r"another training config.*\"lr\""):
+    with pytest.raises(ValueError, match=r'another run.*"train_config.lr": \[0.003, 0.001\]'):
         train(model, toy_examples(), collate, tmp_path,
-              TrainConfig(steps=10, **{**CFG, "lr": 1e-3}), resume=True, progress=False)
+              TrainConfig(steps=5, **{**CFG, "lr": 1e-3}), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r'"train_config.steps": \[5, 10\]'):
+        train(model, toy_examples(), collate, tmp_path, TrainConfig(steps=10, **CFG), resume=True,
+              progress=False)
+    other = lr.load(backbone, config=lr.LayerRouteConfig(gate_lambda=50.0))
+    with pytest.raises(ValueError, match=r'"layerroute_config.gate_lambda": \[1.0, 50.0\]'):
+        train(other, toy_examples(), collate, tmp_path, TrainConfig(steps=5, **CFG), resume=True,
+              progress=False)
+    with pytest.raises(ValueError, match=r'"data_fingerprint"'):
+        train(model, toy_examples(seed=1), collate, tmp_path, TrainConfig(steps=5, **CFG), resume=True,
+              progress=False)
+    with pytest.raises(FileExistsError, match="holds an earlier run's checkpoint"):
+        train(model, toy_examples(), collate, tmp_path, TrainConfig(steps=5, **CFG), progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(model, toy_examples(), collate, tmp_path / "none", TrainConfig(steps=5, **CFG),
               resume=True, progress=False)
+
+
+@pytest.mark.parametrize("left_as", ["tmp", "old"])
+def test_resume_after_a_kill_between_the_checkpoint_renames(backbone, tmp_path, monkeypatch, left_as):
+    """atomic_dir renames the old checkpoint away, then the new one in: a kill in between leaves
+    the complete new copy (.tmp) and the old one (.old) as hidden siblings and no checkpoint/.
+    Resume takes the newest complete one."""
+    cfg = TrainConfig(steps=10, **CFG)
+    full = lr.load(backbone)
+    train(full, toy_examples(), collate, tmp_path / "full", cfg, progress=False)
+
+    real_append = train_mod._append_log
+
+    def die_at_step_7(path, row):                   # the last checkpoint is the one of step 5
+        real_append(path, row)
+        if row["step"] == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_append_log", die_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(lr.load(backbone), toy_examples(), collate, tmp_path / "killed", cfg, progress=False)
+    monkeypatch.undo()
+    killed = tmp_path / "killed"
+    (killed / "checkpoint").rename(killed / f".checkpoint.0123abcd.{left_as}")
+    resumed = lr.load(backbone)
+    train(resumed, toy_examples(), collate, killed, cfg, resume=True, progress=False)
+    a, b = full.adapter_state_dict(), resumed.adapter_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(backbone, tmp_path, monkeypatch, capsys):
@@ -126,14 +166,25 @@ def test_nan_steps_are_skipped_then_stop_the_run(backbone, tmp_path, monkeypatch
         real_append(path, row)
         sometimes_nan.step = row["step"]
 
+    snapshots = {}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def snapshot_then_clip(params, max_norm):       # called once per step, before any update
+        snapshots[sometimes_nan.step] = [p.detach().clone() for p in params]
+        return real_clip(params, max_norm)
+
     monkeypatch.setattr(model, "train_forward", sometimes_nan)
     monkeypatch.setattr(train_mod, "_append_log", count_steps)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", snapshot_then_clip)
     before = {n: p.detach().clone() for n, p in model.adapter_state_dict().items()}
     train(model, toy_examples(), collate, tmp_path / "a", TrainConfig(steps=6, max_bad_steps=2, **CFG),
           progress=False)
     log = read_log(tmp_path / "a" / "log.csv")
     assert [r["skipped_update"] for r in log] == [0, 0, 0, 1, 1, 0]
     assert "step 3: loss is nan (not finite); step skipped" in capsys.readouterr().err
+    # bad steps 3 and 4 left the adapter as it was after step 2; step 2 and step 5 updated it
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[5]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))
     assert any(not torch.equal(p, before[n]) for n, p in model.adapter_state_dict().items())
 
     bad.update(range(5))
