@@ -25,10 +25,16 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   program order for L2 reuse of W); the LoRA dots add R_PAD/BLOCK_N (x A^T, recomputed by
   each column block) + 2 R_PAD/K (the B dots) to the tensor-core work, about 16% at
   BLOCK_N = 128, K = 896, where the unfused expression spends extra passes over x and y.
-- The configs are autotuned on the GPU, keyed by (rows rounded up to a power of 2, N, K) and
-  pruned to the decode or prefill set by the row count; under TRITON_INTERPRET=1 there is one
-  config, as autotuning in the interpreter would be slow. Autotuning runs on the first call of
-  each shape: warm up before capturing a CUDA graph.
+- The configs are autotuned on the GPU, keyed by (rows rounded up to a power of 2, N, K, W's
+  layout, row list or not) and pruned to the decode or prefill set by the row count. W's layout
+  (stride_wk: 1 for W, N for the backward's W^T view) keeps the dx launch of a square weight
+  from reusing the forward's tuning. A row-list launch is tuned on all its rows whatever its
+  first call's count (a count of 0 would time empty launches): the tuning hooks set the count
+  to R for the timed runs and restore count and y after each. Autotuning runs on the first
+  call of each shape: warm up before capturing a CUDA graph.
+  LAYERROUTE_TRITON_AUTOTUNE=0 skips it: each shape takes the first config of its pruned set
+  (for test runs, which would otherwise compile every config of every shape). Under
+  TRITON_INTERPRET=1 there is one config, as autotuning in the interpreter would be slow.
 - fp32 inputs use IEEE-precision dots (no TF32), to match torch's fp32 matmul; fp16 and bf16
   use tensor cores with fp32 accumulation and y is rounded once, where the unfused expression
   rounds five times. The rank-r intermediate u = x A^T (fp32) enters the B dot as two halves
@@ -37,6 +43,8 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   rounding u, which would otherwise be as large as the output's own rounding.
 - With a row list, programs whose rows all lie past the count return before any load, so a
   count of 0 reads no weights; rows of y past the count are not written (left uninitialised).
+  An entry of index outside [0, rows of x) is skipped: its row of y is not written either
+  (as the compiled gather / scatter kernels do), so a bad index cannot read out of bounds.
 
 Backward: dx = dy W + s (dy B) A has the forward's shape with W^T, B^T and A^T in the roles of
 W, A and B, so it is the same kernel launched on transposed views, and it stores dy B [M, r]
@@ -79,21 +87,41 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32
 
 
 def _prune_configs(configs, named_args, **kwargs) -> list[triton.Config]:
-    """The decode configs (BLOCK_M covering all the rows) or the prefill ones."""
+    """The decode configs (BLOCK_M covering all the rows) or the prefill ones; only the first
+    of them with LAYERROUTE_TRITON_AUTOTUNE=0."""
     rows = named_args["M_BUCKET"]
-    return _DECODE_CONFIGS[max(16, rows)] if rows <= _DECODE_ROWS else _PREFILL_CONFIGS
+    pruned = _DECODE_CONFIGS[max(16, rows)] if rows <= _DECODE_ROWS else _PREFILL_CONFIGS
+    return pruned[:1] if os.environ.get("LAYERROUTE_TRITON_AUTOTUNE", "1") == "0" else pruned
+
+
+def _tuning_pre_hook(nargs, reset_only=False):
+    """Before each timed run of a row-list launch: keep count and y, and set the count to all
+    R rows, so the tuning does not depend on the first call's count."""
+    if nargs["HAS_INDEX"] and not reset_only:
+        nargs["saved"] = nargs["count_ptr"].clone(), nargs["y_ptr"].clone()
+        nargs["count_ptr"].fill_(nargs["M"])
+
+
+def _tuning_post_hook(nargs, exception):
+    """After each timed run: count and y as they were (rows of out= past the count kept)."""
+    if "saved" in nargs:
+        count, y = nargs.pop("saved")
+        nargs["count_ptr"].copy_(count)
+        nargs["y_ptr"].copy_(y)
 
 
 @triton.autotune(
     configs=[_INTERPRETER_CONFIG] if _INTERPRET else
     [c for cs in _DECODE_CONFIGS.values() for c in cs] + _PREFILL_CONFIGS,
-    key=["M_BUCKET", "N", "K"],
+    key=["M_BUCKET", "N", "K", "stride_wk", "HAS_INDEX"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+    pre_hook=_tuning_pre_hook,
+    post_hook=_tuning_post_hook,
 )
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_linear_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, index_ptr, count_ptr,
-    M, N, K, R, M_BUCKET, scale,
+    M, N, K, R, X_ROWS, M_BUCKET, scale,
     stride_xm, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_um,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -101,12 +129,15 @@ def _lora_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[i] = x[row i] W^T + bias + scale (x[row i] A^T) B^T for the M output rows i, row i
-    being index[i] (HAS_INDEX, only i < count) or i. A and B may have another float dtype:
+    being index[i] (HAS_INDEX, only i < count and 0 <= index[i] < X_ROWS, x's row count;
+    other rows of y are not written) or i. A and B may have another float dtype:
     their tiles are cast to x's on load. STORE_U also writes u[i] = x[row i] A^T,
     rounded to x's dtype; SPLIT_U (half inputs) keeps u's full fp32 value for the B dot.
     PRECISION is the dots' input precision: "ieee" for fp32 (no TF32), else the default.
     x rows are contiguous; W, A, B are addressed through their strides (the backward passes
-    transposed views). M_BUCKET only keys the autotuning (no specialisation on it)."""
+    transposed views). M_BUCKET only keys the autotuning; neither it nor M is specialised on
+    (no recompilation as the decode row count varies). Weight offsets are int64 (N K may
+    exceed 2^31)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -125,12 +156,13 @@ def _lora_linear_kernel(
         return  # past the count: no loads at all
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < n_rows
     n_mask = offs_n < N
     if HAS_INDEX:
         rows = tl.load(index_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        m_mask = m_mask & (rows >= 0) & (rows < X_ROWS)  # skip out-of-range entries
     else:
         rows = offs_m.to(tl.int64)
 
@@ -206,7 +238,7 @@ def _launch(
         unused if lora_A is None else lora_A, unused if lora_B is None else lora_B,
         y, unused if u is None else u,
         unused if index is None else index, unused if count is None else count,
-        rows, n_out, k_in, rank, triton.next_power_of_2(rows), float(scale),
+        rows, n_out, k_in, rank, x.shape[0], triton.next_power_of_2(rows), float(scale),
         x.stride(0), weight.stride(0), weight.stride(1),
         *(lora_A.stride() if rank else (0, 0)), *(lora_B.stride() if rank else (0, 0)),
         y.stride(0), u.stride(0) if store_u else 0,

@@ -156,6 +156,29 @@ def test_row_index(device, dtype, shape, live, with_out):
     assert_close(y[:n_live], ref[:n_live], reference64(**picked), dtype, "y[:count]")
 
 
+@pytest.mark.parametrize("device,dtype,shape", cases([(67, 33, 130, 5)], [(67, 896, 4864, 8)]))
+def test_row_index_out_of_range_skipped(device, dtype, shape):
+    """Entries of index[:count] outside [0, M) are skipped, as the compiled gather / scatter
+    skip them: their rows of out= keep their values, the other rows are computed as usual."""
+    m, n = shape[0], shape[2]
+    index = torch.tensor([3, m, -1, 0, m + 100, 2**31 - 1, m - 1], dtype=torch.int32,
+                         device=device)
+    count = torch.tensor([index.numel()], dtype=torch.int32, device=device)
+    valid = (index >= 0) & (index < m)
+    args = make_inputs(shape, dtype, device)
+    fill = torch.full((index.numel(), n), 1234.0, dtype=dtype, device=device)
+    out = fill.clone()
+    good = index[valid]
+    with torch.no_grad():
+        ops.lora_linear(**args, index=index, count=count, out=out)
+        ref = ops.lora_linear_ref(**args, index=good,
+                                  count=torch.tensor([good.numel()], dtype=torch.int32,
+                                                     device=device))
+    assert torch.equal(out[~valid], fill[~valid])
+    picked = operands64(dict(args, x=args["x"][good.long()]))
+    assert_close(out[valid], ref, reference64(**picked), dtype, "y[valid rows]")
+
+
 @CUDA
 def test_row_index_in_cuda_graph():
     """The count is read on the device: a captured launch follows the count set after it."""

@@ -152,10 +152,10 @@ def test_route_tokens_matches_model_block(device, tau):
     with torch.no_grad():
         p, index, count = ops.route_tokens(h, block.router.weight, block.router.bias, tau)
         model_p = block.route_prob(h)
-    run = model_p >= tau
-    assert (model_p - tau).abs().min() > MARGIN, "test data: a p lies at tau"
     assert 0 < int(count) < h.shape[0]
-    assert torch.equal(index[: int(count)], run.nonzero().flatten().to(torch.int32))
+    # Rows within MARGIN of tau may fall either way (fp32 rounding): compared elsewhere only.
+    assert_routing(p, index, count, model_p, *ops.compact_rows_ref(model_p >= tau),
+                   lambda q: q >= tau)
     torch.testing.assert_close(p, model_p, rtol=0, atol=1e-6)
 
 
@@ -271,10 +271,13 @@ def test_route_sequences_matches_model(device):
         vf = valid.float()
         mean = (h * vf[..., None]).sum(1) / vf.sum(1, keepdim=True).clamp(min=1)
         model_p = block.route_prob(mean)
-    assert (model_p - 0.5).abs().min() > MARGIN, "test data: a p lies at tau"
-    run = ((model_p >= 0.5)[:, None] & valid).reshape(-1)
+
+    def run_of_p(q):
+        return ((q >= 0.5)[:, None] & valid).reshape(-1)
+
     assert 0 < int(count) < int(valid.sum())
-    assert torch.equal(index[: int(count)], run.nonzero().flatten().to(torch.int32))
+    # Sequences within MARGIN of tau may fall either way (fp32 rounding): not compared.
+    assert_routing(p, index, count, model_p, *ops.compact_rows_ref(run_of_p(model_p)), run_of_p)
 
 
 # GPU: bf16 and Qwen2.5-0.5B shapes ------------------------------------------------------------

@@ -291,19 +291,20 @@ def test_skip_path_replays_in_cuda_graph(monkeypatch):
         g = torch.Generator().manual_seed(100 + seed)
         h.copy_(randn((n, d), dtype, "cuda", g))
         residual.copy_(randn((n, d), dtype, "cuda", g))
+        before = residual.clone()
         _, ref_index, ref_count = ops.route_tokens_ref(h, router_w, router_b, 0.5)
         ref_rows, ref_normed = torch.empty_like(h), torch.empty_like(h)
         ops.gather_rmsnorm_ref(h, ref_index, ref_count, weight, EPS, ref_rows, ref_normed)
-        expected = residual.clone()
-        ops.scatter_add_rows_ref(expected, ref_normed, ref_index, ref_count)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(count, ref_count)
-        live = ref_index[: int(ref_count)].long()
-        torch.testing.assert_close(residual[live], expected[live], atol=0.05, rtol=0.02)
-        untouched = torch.ones(n, dtype=torch.bool, device="cuda")
-        untouched[live] = False
-        assert torch.equal(residual[untouched], expected[untouched])
+        live = int(ref_count)
+        assert torch.equal(out_rows[:live], ref_rows[:live])
+        assert_rounding_order(out_normed[:live], ref_normed[:live], "gather_rmsnorm")
+        # The scatter is bit-exact: the reference adds the kernel's own normed rows.
+        expected = before.clone()
+        ops.scatter_add_rows_ref(expected, out_normed, ref_index, ref_count)
+        assert torch.equal(residual, expected)
         counts.add(int(ref_count))
     assert len(counts) > 1, "the replays should route different numbers of rows"
 
