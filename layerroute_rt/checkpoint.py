@@ -46,14 +46,15 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # Reading a backbone
 # ---------------------------------------------------------------------------------------------
 
-def _check_dir(path: str | os.PathLike) -> Path:
+_HF_DIR = f"a Hugging Face model directory with {CONFIG_FILE} and {SAFETENSORS_FILE} or {INDEX_FILE}"
+
+
+def _check_dir(path: str | os.PathLike, kind: str = "checkpoint directory", expected: str = _HF_DIR) -> Path:
     directory = Path(path)
     if not directory.exists():
-        raise CheckpointNotFoundError(
-            f"{directory}: checkpoint directory does not exist (expected a Hugging Face model "
-            f"directory with {CONFIG_FILE} and {SAFETENSORS_FILE} or {INDEX_FILE})")
+        raise CheckpointNotFoundError(f"{directory}: {kind} does not exist (expected {expected})")
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face model directory)")
+        raise CheckpointError(f"{directory}: not a directory (expected {expected})")
     return directory
 
 
@@ -293,6 +294,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_FORMAT = "layerroute_rt.adapter/1"
+_ADAPTER_DIR = f"a directory written by save_adapter, with {ADAPTER_CONFIG_FILE} and {ADAPTER_FILE}"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 # The backbone fields that fix the adapter's tensor shapes.
 _ADAPTER_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -325,7 +327,7 @@ def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 def read_adapter_config(path: str | os.PathLike, backbone: BackboneConfig) -> dict:
     """The LayerRouteConfig fields stored with an adapter, after checking it fits `backbone`."""
-    directory = _check_dir(path)
+    directory = _check_dir(path, "adapter directory", _ADAPTER_DIR)
     file = directory / ADAPTER_CONFIG_FILE
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file}: missing (is {directory} a layerroute_rt adapter?)")
@@ -347,7 +349,7 @@ def read_adapter_config(path: str | os.PathLike, backbone: BackboneConfig) -> di
 def load_adapter_tensors(path: str | os.PathLike,
                          expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Read `<path>/adapter.safetensors`, checking names and shapes against `expected`."""
-    file = _check_dir(path) / ADAPTER_FILE
+    file = _check_dir(path, "adapter directory", _ADAPTER_DIR) / ADAPTER_FILE
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file}: missing")
     with _guarded(file, "opening", safe_open, str(file), "pt", "cpu") as handle:

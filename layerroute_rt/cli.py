@@ -20,34 +20,22 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
 from .config import LayerRouteConfig
+from .flops import flops_report
 from .generate import generate
 from .train import TrainingDiverged
 from .model import load
 
-DEMO_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=1024)
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"   # built by scripts/build_demo_model.py
+DEMO_PROMPT_SEED = 1000   # the demo model trained on seed-0 trajectories: these are unseen
 DATA_RECORD = "data_config.json"   # written by `train`: where its data came from, what it trained on
 DEFAULT_PROMPT = "Find flights from Paris to Rome on 3 May."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def build_demo_backbone(path: str | Path, seed: int = 0) -> Path:
-    """Write a small randomly initialised Qwen2 model (HF format) to `path`."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DEMO_SHAPE))
-    model.save_pretrained(path)
-    return Path(path)
 
 
 def skip_map(executed: torch.Tensor, valid: torch.Tensor, prompt_len: int, width: int = 72) -> str:
@@ -80,54 +68,78 @@ def _tokenizer(model_dir: Path):
     return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
-def demo(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
-            model_dir = build_demo_backbone(Path(tmp) / "demo-qwen2", seed=args.seed)
-            print(f"no --model given: built a small random Qwen2 model ({DEMO_SHAPE['num_hidden_layers']} "
-                  f"blocks, hidden {DEMO_SHAPE['hidden_size']}, vocab {DEMO_SHAPE['vocab_size']})")
-        else:
-            model_dir = Path(args.model)
-        model = load(model_dir, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
-    _apply_runtime_flags(model, args)
-    random_routers = args.random_routers if args.random_routers is not None else (
-        args.seed if args.model is None and args.adapter is None else None)
-    if random_routers is not None:
-        model.randomize_adapter(seed=random_routers)
-        print(f"routers: random and untrained (seed {random_routers}); they show the mechanism, "
-              f"not a learned policy")
-    elif args.adapter is None:
-        print("routers: fresh (p starts near 1, every block runs); pass --adapter or --random-routers")
+def _demo_prompts(tok) -> list[tuple[str, list[int]]]:
+    """Two prompts: contexts that end right before a tool-call step and before a planning step,
+    from synthetic trajectories that neither the demo model nor its adapter were trained on."""
+    from . import data
 
-    tok = _tokenizer(model_dir) if args.model else None
-    if args.prompt_ids:
-        prompts = [args.prompt_ids]
-    elif tok is not None:
-        prompts = [tok(args.prompt or DEFAULT_PROMPT)["input_ids"]]
-    elif args.prompt is not None:
-        raise ValueError(f"--prompt needs the checkpoint's tokenizer, and {model_dir} has none "
-                         f"(tokenizer.json); pass --prompt-ids instead")
+    found: dict[str, list[int]] = {}
+    for trajectory in data.generate_trajectories(50, seed=DEMO_PROMPT_SEED):
+        for i, step in enumerate(trajectory.steps):
+            if i > 0 and step.type in ("tool_call", "planning") and step.type not in found:
+                context, _ = data.render_step(trajectory, i, tok)
+                found[step.type] = tok.encode(context, add_special_tokens=False)
+        if len(found) == 2:
+            break
+    return [(kind, found[kind]) for kind in ("tool_call", "planning")]
+
+
+def demo(args: argparse.Namespace) -> int:
+    bundled = args.model is None
+    model_dir = DEMO_DIR if bundled else Path(args.model)
+    adapter = args.adapter or (DEMO_DIR / "adapter" if bundled else None)
+    model = load(model_dir, adapter=adapter, device=args.device, dtype=DTYPES[args.dtype])
+    _apply_runtime_flags(model, args)
+    if args.random_routers is not None:
+        model.randomize_adapter(seed=args.random_routers)
+        print(f"routers: random and untrained (seed {args.random_routers}): the mechanism, not a learned policy")
+    elif adapter is None:
+        print("routers: fresh (p starts near 1, every block runs); pass --adapter or --random-routers")
     else:
-        g = torch.Generator().manual_seed(args.seed)
-        prompts = [torch.randint(0, model.config.vocab_size, (16,), generator=g).tolist()]
-    out = generate(model, prompts, max_new_tokens=args.max_new_tokens,
-                   skip_layers=args.skip_layers, temperature=args.temperature, seed=args.seed)
-    prompt_len = len(prompts[0])   # one prompt: no left padding
-    new = out.tokens[0]
-    print(f"\nprompt ({len(prompts[0])} tokens): {tok.decode(prompts[0]) if tok else prompts[0]}")
-    print(f"generated ({len(new)} tokens): {tok.decode(new) if tok else new}")
-    print("\nskip map (rows: blocks; columns: prompt tokens | generated tokens fed back; "
-          "# ran the block, . skipped it):")
-    print(skip_map(out.executed[:, 0], out.valid[0], prompt_len))
+        print(f"model: {model_dir} with adapter {adapter}")
+    tok = _tokenizer(model_dir)
+    if args.prompt_ids:
+        prompts = [("prompt", args.prompt_ids)]
+    elif args.prompt is not None:
+        if tok is None:
+            raise ValueError(f"--prompt needs the checkpoint's tokenizer, and {model_dir} has none "
+                             f"(tokenizer.json); pass --prompt-ids instead")
+        prompts = [("prompt", tok(args.prompt)["input_ids"])]
+    elif tok is not None and bundled:
+        prompts = _demo_prompts(tok)
+    elif tok is not None:
+        prompts = [("prompt", tok(DEFAULT_PROMPT)["input_ids"])]
+    else:
+        raise ValueError(f"{model_dir} has no tokenizer: pass --prompt-ids")
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if tok is not None else None
+    out = generate(model, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
+                   skip_layers=args.skip_layers, temperature=args.temperature, seed=args.seed,
+                   eos_token_id=eos)
+    prompt_width = max(len(ids) for _, ids in prompts)             # left-padded to this
+
+    def show(ids: list[int]) -> str:
+        return tok.decode(ids) if tok is not None else str(ids)
+
+    for b, (kind, ids) in enumerate(prompts):
+        new = out.tokens[b]
+        print(f"\n=== {kind}: prompt of {len(ids)} tokens, ending: ...{show(ids)[-160:]!r}")
+        print(f"generated ({len(new)} tokens): {show(new)!r}")
+        print("skip map (rows: blocks; columns: last prompt tokens | generated tokens fed back; "
+              "# ran the block, . skipped it):")
+        print(skip_map(out.executed[:, b], out.valid[b], prompt_width))
+        step = out.valid[b].clone()
+        step[:prompt_width] = False                                 # the generated step only
+        report = flops_report(model.config, model.lr_config, out.executed[:, b:b + 1],
+                              out.valid[b:b + 1].long().cumsum(1), step[None])
+        rate = 1.0 - float((out.executed[:, b] & step).sum()) / max(int(step.sum()), 1) / len(model.blocks)
+        print(f"on the generated tokens: skip rate {rate:.3f}, {report.block_skipped_pct:.1f}% of block "
+              f"FLOPs and {report.total_skipped_pct:.1f}% of total forward FLOPs skipped")
     s = out.stats
-    rates = " ".join(f"{r:.2f}" for r in s["skip_rate_per_layer"])
-    print(f"\nskip rate per block: {rates}")
-    print(f"FLOPs skipped: {s['block_flops_skipped_pct']:.1f}% of block FLOPs, "
-          f"{s['total_flops_skipped_pct']:.1f}% of total forward FLOPs (lm_head included)")
     decode = s["decode_ms_per_token"]
-    print(f"time: prefill {s['prefill_ms']:.1f} ms, decode "
-          f"{'n/a' if decode is None else f'{decode:.2f} ms/token'} "
-          f"({args.device}, {args.dtype}, reference path)")
+    print(f"\nbatch of {len(prompts)}: prefill {s['prefill_ms']:.1f} ms, decode "
+          f"{'n/a' if decode is None else f'{decode:.2f} ms per step'} "
+          f"({args.device}, {args.dtype}, reference path); over prompts and generated tokens "
+          f"{s['block_flops_skipped_pct']:.1f}% of block FLOPs skipped")
     return 0
 
 

@@ -1,20 +1,23 @@
 """The README's main job: `layerroute demo`."""
+import json
 import re
 
 from layerroute_rt import cli
+from qwen_factory import save_random_qwen2
 
 
-def test_demo_builds_a_model_and_prints_the_skip_map(capsys):
-    assert cli.main(["demo", "--max-new-tokens", "5"]) == 0
+def test_demo_runs_the_bundled_model(capsys):
+    assert cli.main(["demo", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
-    # the last of the 5 new tokens is never fed back through the blocks: 4 columns after '|'
-    assert len(re.findall(r"^  block +\d+  [#.]+\|[#.]{4}$", out, flags=re.M)) == cli.DEMO_SHAPE["num_hidden_layers"]
-    assert re.search(r"FLOPs skipped: \d+\.\d% of block FLOPs", out)
-    assert "ms/token" in out
+    n_blocks = json.loads((cli.DEMO_DIR / "config.json").read_text())["num_hidden_layers"]
+    assert "=== tool_call:" in out and "=== planning:" in out
+    assert len(re.findall(r"^  block +\d+  [#.]+\|[#.]*$", out, flags=re.M)) == 2 * n_blocks
+    assert len(re.findall(r"on the generated tokens: skip rate \d\.\d+, \d+\.\d% of block FLOPs", out)) == 2
+    assert "ms per step" in out
 
 
 def test_demo_on_a_checkpoint_directory(tmp_path, capsys):
-    cli.build_demo_backbone(tmp_path / "m", seed=1)
+    save_random_qwen2(tmp_path / "m", seed=1)
     assert cli.main(["demo", "--model", str(tmp_path / "m"), "--prompt-ids", "1", "2", "3",
                      "--max-new-tokens", "3", "--skip-layers", "0", "1"]) == 0
     out = capsys.readouterr().out
@@ -31,7 +34,8 @@ def test_demo_reports_a_bad_directory(tmp_path, capsys):
 def test_demo_flags_override_the_adapter(tmp_path, capsys, monkeypatch):
     import layerroute_rt as lr
 
-    model_dir = cli.build_demo_backbone(tmp_path / "m", seed=1)
+    model_dir = tmp_path / "m"
+    save_random_qwen2(model_dir, seed=1)
     lr.load(model_dir, config=lr.LayerRouteConfig(granularity="sequence")).save_adapter(tmp_path / "a")
     seen = {}
     real = cli.generate
@@ -50,8 +54,8 @@ def test_demo_flags_override_the_adapter(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_text_prompt_needs_a_tokenizer(tmp_path, capsys):
-    model_dir = cli.build_demo_backbone(tmp_path / "m", seed=1)
-    assert cli.main(["demo", "--model", str(model_dir), "--prompt", "hello"]) == 2
+    save_random_qwen2(tmp_path / "m", seed=1)
+    assert cli.main(["demo", "--model", str(tmp_path / "m"), "--prompt", "hello"]) == 2
     assert "--prompt needs the checkpoint's tokenizer" in capsys.readouterr().err
 
 
