@@ -1,10 +1,14 @@
 """layerroute_rt: Qwen2 decoders that skip transformer blocks per token, with learned routers and
 LoRA adapters on frozen weights. See DESIGN.md for the semantics."""
+from .cache import KVCache
 from .checkpoint import CheckpointError, CheckpointNotFoundError
 from .config import BackboneConfig, LayerRouteConfig
+from .engine import InferenceModel
 from .flops import count_parameters, flops_report
-from .model import KVCache, LayerRouteModel, load
+from .generate import GenerateOutput, generate
+from .model import LayerRouteModel, load
 
-__all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "KVCache",
-           "LayerRouteConfig", "LayerRouteModel", "count_parameters", "flops_report", "load"]
+__all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
+           "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "count_parameters",
+           "flops_report", "generate", "load"]
 __version__ = "0.1.0"

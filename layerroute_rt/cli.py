@@ -4,9 +4,9 @@
     layerroute train --model DIR --out DIR [--data FILE | --synthetic N] [--resume] ...
     layerroute eval  --model DIR --out DIR (--adapter DIR | --seeds 0 1 2) [--data FILE] ...
 
-demo: load a Qwen2 checkpoint directory (or, without --model, build a small random Qwen2 model
-and write it as a Hugging Face directory first), generate, and print the tokens with the
-per-layer skip map, the FLOPs skipped and the time per token.
+demo: load a Qwen2 checkpoint directory (without --model, the bundled demo model and its adapter),
+generate, and print the tokens with the per-layer skip map, the FLOPs skipped and the time per
+token.
 train: train routers + LoRA on step-typed agentic data (a file in one of data.FORMATS, or
 synthetic trajectories), tokenized with the checkpoint's own tokenizer; the data is split by
 trajectory and the held-out part is never trained on.
@@ -27,7 +27,8 @@ import torch
 from . import checkpoint
 from .config import LayerRouteConfig
 from .flops import flops_report
-from .generate import generate
+from .engine import InferenceModel
+from .generate import checkpoint_tokenizer, encode_prompts, generate, load_tokenizer
 from .train import TrainingDiverged
 from .model import load
 
@@ -59,15 +60,6 @@ def _apply_runtime_flags(model, args: argparse.Namespace) -> None:
     model.lr_config = dataclasses.replace(model.lr_config, **given)
 
 
-def _tokenizer(model_dir: Path):
-    """The checkpoint's own tokenizer, if it ships one (local files only)."""
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-
-
 def _demo_prompts(tok) -> list[tuple[str, list[int]]]:
     """Two prompts: contexts that end right before a tool-call step and before a planning step,
     from synthetic trajectories that neither the demo model nor its adapter were trained on."""
@@ -97,22 +89,18 @@ def demo(args: argparse.Namespace) -> int:
         print("routers: fresh (p starts near 1, every block runs); pass --adapter or --random-routers")
     else:
         print(f"model: {model_dir} with adapter {adapter}")
-    tok = _tokenizer(model_dir)
+    engine = InferenceModel(model)
+    tok = load_tokenizer(engine)
     if args.prompt_ids:
         prompts = [("prompt", args.prompt_ids)]
-    elif args.prompt is not None:
-        if tok is None:
-            raise ValueError(f"--prompt needs the checkpoint's tokenizer, and {model_dir} has none "
-                             f"(tokenizer.json); pass --prompt-ids instead")
-        prompts = [("prompt", tok(args.prompt)["input_ids"])]
-    elif tok is not None and bundled:
-        prompts = _demo_prompts(tok)
-    elif tok is not None:
-        prompts = [("prompt", tok(DEFAULT_PROMPT)["input_ids"])]
+    elif tok is None:
+        raise ValueError(f"{model_dir} has no tokenizer (tokenizer.json): pass --prompt-ids")
+    elif args.prompt is not None or not bundled:          # through the chat template, if any
+        prompts = [("prompt", encode_prompts(args.prompt or DEFAULT_PROMPT, engine)[0])]
     else:
-        raise ValueError(f"{model_dir} has no tokenizer: pass --prompt-ids")
+        prompts = _demo_prompts(tok)
     eos = tok.convert_tokens_to_ids("<|im_end|>") if tok is not None else None
-    out = generate(model, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
+    out = generate(engine, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
                    skip_layers=args.skip_layers, temperature=args.temperature, seed=args.seed,
                    eos_token_id=eos)
     prompt_width = max(len(ids) for _, ids in prompts)             # left-padded to this
@@ -138,7 +126,7 @@ def demo(args: argparse.Namespace) -> int:
     decode = s["decode_ms_per_token"]
     print(f"\nbatch of {len(prompts)}: prefill {s['prefill_ms']:.1f} ms, decode "
           f"{'n/a' if decode is None else f'{decode:.2f} ms per step'} "
-          f"({args.device}, {args.dtype}, reference path); over prompts and generated tokens "
+          f"({args.device}, {args.dtype}, {'CUDA graph' if s['cuda_graph'] else 'eager'}, LoRA merged); over prompts and generated tokens "
           f"{s['block_flops_skipped_pct']:.1f}% of block FLOPs skipped")
     return 0
 
@@ -147,7 +135,7 @@ def _experiment_data(args: argparse.Namespace, model_dir: Path):
     """(train examples, {"heldout": ..., "length_matched": ...}) for train and eval."""
     from . import data
 
-    tok = _tokenizer(model_dir)
+    tok = checkpoint_tokenizer(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir}: no tokenizer (tokenizer.json); train and eval tokenize "
                          f"with the checkpoint's own tokenizer")

@@ -1,41 +1,115 @@
-"""Prefill, decode and sampling over the model's reference path, with skip statistics.
+"""generate(): prompts in, tokens, text and skip statistics out, on the inference engine.
 
-This is the CPU path of `generate()`: the model's reference forward (gather / run / scatter per
-block) with a static KV cache; prompts of different lengths are left-padded into one batch.
+Prefill runs once per batch (engine.prefill); each decode step is engine.decode_step, which on
+CUDA is captured once per (batch, cache length, tau, skip set) in a CUDA graph and replayed, with
+greedy argmax inside the graph. The host reads tokens back only every `sync_every` steps (every
+step with stream=True or stop strings... see below) to end sequences at EOS or a stop string;
+a sequence that ended keeps being fed (its results are discarded) until the whole batch ended,
+so that nothing in the step depends on the host. On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from .config import check_tau
+from .engine import DecodeState, InferenceModel
 from .flops import flops_report
-from .model import KVCache, LayerRouteModel
+from .model import LayerRouteModel
+
+CACHE_BUCKET = 64      # cache lengths are rounded up to this, so graphs are reused across calls
 
 
 @dataclass
 class GenerateOutput:
-    tokens: list[list[int]]              # the new tokens of each sequence (EOS included if hit)
+    tokens: list[list[int]]              # the new tokens of each sequence (EOS / stop included)
+    text: list[str] | None               # their decoded text (None without a tokenizer)
     executed: torch.Tensor               # [L, B, prompt + new] bool: who ran which block
     valid: torch.Tensor                  # [B, prompt + new] bool: real tokens (no padding)
     stats: dict = field(default_factory=dict)
 
 
-def _as_batch(prompts, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, T] (no padding) or a list of token-id lists -> left-padded ids and mask."""
+class GenerationStream:
+    """Iterate to get, per decode step, one entry per sequence: its new token id, or None once
+    it has ended. After the iteration, `.output` holds the GenerateOutput."""
+
+    def __init__(self, steps: Iterator):
+        self._steps = steps
+        self.output: GenerateOutput | None = None
+
+    def __iter__(self):
+        self.output = yield from self._steps
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def checkpoint_tokenizer(directory):
+    """The tokenizer a checkpoint directory ships (transformers, local files only), or None."""
+    if directory is None or not any((Path(directory) / f).exists()
+                                    for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_tokenizer(engine: InferenceModel):
+    """The engine's checkpoint tokenizer, loaded once and cached on the engine (or None)."""
+    if not hasattr(engine, "_tokenizer"):
+        engine._tokenizer = checkpoint_tokenizer(engine.tokenizer_dir)
+    return engine._tokenizer
+
+
+def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True) -> list[list[int]]:
+    """Token ids per prompt from: a string, a list of strings, a chat (a list of message dicts)
+    or a list of chats, token ids [B, T] as a tensor, or a list of token-id lists."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
-        if prompts.dim() != 2:
-            raise ValueError(f"generate: input_ids must be [batch, seq_len], got shape {list(prompts.shape)}")
-        prompts = prompts.tolist()
-    if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
-        raise ValueError("generate: expected input_ids [batch, seq_len] or a non-empty list of token-id lists")
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"generate: input_ids must be an integer tensor [batch, seq_len], got "
+                             f"{prompts.dtype} of shape {list(prompts.shape)}")
+        return prompts.tolist()
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("generate: prompts must be a string, a chat, token ids, or a non-empty list of them")
+    if all(isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                for t in p) for p in prompts):
+        return [list(p) for p in prompts]
+    tok = load_tokenizer(engine)
+    out = []
+    for i, p in enumerate(prompts):
+        is_chat = isinstance(p, list) and all(isinstance(m, dict) for m in p) and p
+        if not isinstance(p, str) and not is_chat:
+            raise ValueError(f"generate: prompt {i} is a {type(p).__name__}: expected a string, a chat "
+                             "(list of {'role', 'content'} dicts) or a list of token ids")
+        if tok is None:
+            raise ValueError(f"generate: text prompts need the checkpoint's tokenizer, and "
+                             f"{engine.tokenizer_dir} has none (tokenizer.json); pass token ids")
+        if is_chat or (chat_template and tok.chat_template):
+            if not tok.chat_template:
+                raise ValueError(f"generate: prompt {i} is a chat, but the tokenizer in "
+                                 f"{engine.tokenizer_dir} has no chat template")
+            messages = p if is_chat else [{"role": "user", "content": p}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out.append(tok.encode(text, add_special_tokens=False))
+        else:
+            out.append(tok.encode(p))
+    return out
+
+
+def _batch(prompts: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their mask [B, T]."""
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty")
-        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size]
+        bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
     width = max(len(p) for p in prompts)
@@ -44,7 +118,27 @@ def _as_batch(prompts, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     for b, p in enumerate(prompts):
         ids[b, width - len(p):] = torch.tensor(p)
         mask[b, width - len(p):] = True
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(engine: InferenceModel, eos_token_id) -> set[int]:
+    """eos_token_id: "auto" (the checkpoint's generation_config.json, else its tokenizer's),
+    None (no EOS), an int or a list of ints."""
+    if eos_token_id is None:
+        return set()
+    if eos_token_id != "auto":
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(t, int) and 0 <= t < engine.config.vocab_size for t in ids):
+            raise ValueError(f"generate: eos_token_id must be token ids in [0, {engine.config.vocab_size}), "
+                             f"got {eos_token_id!r}")
+        return set(ids)
+    found = None
+    directory = engine.tokenizer_dir
+    if directory is not None and (Path(directory) / "generation_config.json").is_file():
+        found = json.loads((Path(directory) / "generation_config.json").read_text()).get("eos_token_id")
+    if found is None and load_tokenizer(engine) is not None:
+        found = load_tokenizer(engine).eos_token_id
+    return set() if found is None else set([found] if isinstance(found, int) else found)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -58,72 +152,255 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p   # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p          # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: LayerRouteModel, input_ids, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             tau: float | None = None, skip_layers=None, seed: int | None = None) -> GenerateOutput:
-    """Generate up to `max_new_tokens` per sequence; each stops on its own at `eos_token_id`.
+# -- the decode step, eager or as a CUDA graph ---------------------------------------------------
 
-    stats: prefill_ms, decode_ms_per_token, skip_rate_per_layer (fraction of real tokens that
-    skipped each block, prompt and new tokens), block_flops_skipped_pct, total_flops_skipped_pct.
-    """
+class _Runner:
+    """A cache, the decode state over it and, on CUDA, the captured step, for one batch size,
+    cache length, tau and skip set. Reused across generate() calls with the same key."""
+
+    def __init__(self, engine: InferenceModel, batch: int, cache_len: int, tau: float,
+                 skip: frozenset[int], use_graph: bool):
+        self.engine, self.tau, self.skip = engine, tau, skip
+        self.cache = engine.new_cache(batch, cache_len)
+        self.use_graph = use_graph
+        self.graph = None
+        self.state: DecodeState | None = None
+        self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
+
+    def start(self) -> None:
+        """After prefill: point the decode state at the cache (same buffers if captured)."""
+        fresh = self.engine.decode_state(self.cache)
+        if self.state is None:
+            self.state = fresh
+            return
+        self.state.positions.copy_(fresh.positions)
+        self.state.slot.copy_(fresh.slot)
+        if fresh.seq_rows is not None:
+            for (index, count), (i2, c2) in zip(self.state.seq_rows, fresh.seq_rows):
+                index.copy_(i2)
+                count.copy_(c2)
+
+    def _eager_step(self) -> None:
+        self.engine.decode_step(self.state, self.cache, self.tau, self.skip)
+        torch.argmax(self.state.logits, -1, out=self.greedy_next)
+
+    def step(self) -> None:
+        if not self.use_graph:
+            return self._eager_step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+    def _capture(self) -> None:
+        """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
+        to the decode state and the cache, then capture one step."""
+        st, cache = self.state, self.cache
+        saved = (st.positions.clone(), st.slot.clone(), st.tokens.clone(), cache.length)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._eager_step()
+        self._restore(saved)               # capture records; restoring again is harmless
+
+    def _restore(self, saved) -> None:
+        positions, slot, tokens, length = saved
+        self.state.positions.copy_(positions)
+        self.state.slot.copy_(slot)
+        self.state.tokens.copy_(tokens)
+        self.cache.valid[:, :, length:] = False
+
+
+def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
+    use_graph = engine.device.type == "cuda" and engine.use_cuda_graphs
+    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    runners = engine.__dict__.setdefault("_runners", {})
+    if key not in runners:
+        if len(runners) >= 8:                                     # keep a few, drop the oldest
+            runners.pop(next(iter(runners)))
+        runners[key] = _Runner(engine, batch, cache_len, tau, skip, use_graph)
+    return runners[key]
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0.0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0.0 \
+            or temperature == float("inf"):
+        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"generate: top_k must be an integer >= 1, got {top_k!r}")
-    device = model.model.embed_tokens.weight.device
-    ids, mask = _as_batch(input_ids, model.config.vocab_size)
-    ids, mask = ids.to(device), mask.to(device)
+    if stop is not None and (not isinstance(stop, (list, tuple)) or not stop
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise ValueError(f"generate: stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"generate: sync_every must be an integer >= 1, got {sync_every!r}")
+
+
+def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
+             stream: bool = False, seed: int | None = None, eos_token_id="auto",
+             chat_template: bool = True, sync_every: int = 8):
+    """Generate up to `max_new_tokens` per sequence with true skipping.
+
+    model: an InferenceModel (build it once: `lr.InferenceModel(model)`), or a LayerRouteModel,
+    for which one is built on each call (merging the LoRA costs one matmul per projection).
+    prompts: a string, a chat (list of {"role", "content"} dicts), a list of either, token ids
+    [B, T] or a list of token-id lists. Text goes through the checkpoint's own tokenizer and,
+    when it has one and chat_template is True, its chat template (a user turn plus the
+    generation prompt). Prompts of different lengths are left-padded into one batch.
+    Sampling: greedy at temperature 0, else seeded (seed) top-k / top-p. Each sequence ends on
+    its own at an EOS token (eos_token_id: "auto" reads the checkpoint's generation config;
+    None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
+    completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
+    every token. stream=True returns a GenerationStream (see its docstring).
+
+    Returns a GenerateOutput; its stats: prefill_ms, decode_ms_per_token (per decode step: one
+    token for each sequence of the batch), decode_steps, new_tokens, skip_rate_per_layer
+    (fraction of the real tokens, prompt and fed-back, that skipped each block),
+    block_flops_skipped_pct and total_flops_skipped_pct over those tokens, cuda_graph.
+    """
+    engine = model if isinstance(model, InferenceModel) else InferenceModel(_check_model(model))
+    stop = [stop] if isinstance(stop, str) else stop
+    _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every)
+    tau = engine.lr_config.tau if tau is None else check_tau(tau)
+    skip = engine.skip_set(skip_layers)
+    ids, mask = _batch(encode_prompts(prompts, engine, chat_template), engine.config.vocab_size, engine.device)
     B, T = ids.shape
-    if T + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's max_position_embeddings ({model.config.max_position_embeddings})")
+    need = T + max_new_tokens
+    if need > engine.max_cache_len:
+        raise ValueError(f"generate: a prompt of {T} tokens + max_new_tokens {max_new_tokens} needs "
+                         f"{need} cache slots; the KV cache holds at most {engine.max_cache_len} "
+                         f"(InferenceModel max_cache_len, at most max_position_embeddings "
+                         f"{engine.config.max_position_embeddings})")
+    eos = _eos_ids(engine, eos_token_id)
+    tok = load_tokenizer(engine)
+    if stop and tok is None:
+        raise ValueError(f"generate: stop strings need the checkpoint's tokenizer, and "
+                         f"{engine.tokenizer_dir} has none")
+    cache_len = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, engine.max_cache_len)
+    runner = _runner(engine, B, cache_len, tau, skip)
+    steps = _generate_steps(engine, runner, ids, mask, max_new_tokens, temperature, top_k, top_p,
+                            seed, eos, stop, tok, 1 if stream else sync_every)
+    if stream:
+        return GenerationStream(steps)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+
+
+def _check_model(model):
+    if not isinstance(model, LayerRouteModel):
+        raise TypeError(f"generate: model must be an InferenceModel or a LayerRouteModel, got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p, seed,
+                    eos: set[int], stop, tok, sync_every):
+    """The generation loop as a generator: yields each step's tokens at every host check (each
+    step when streaming) and returns the GenerateOutput."""
+    device, B, T = engine.device, ids.shape[0], ids.shape[1]
+    L = engine.config.num_hidden_layers
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
-
+    cache = runner.cache
+    cache.reset()
+    _sync(device)
     t0 = time.perf_counter()
-    logits, executed = model(ids, tau=tau, skip_layers=skip_layers, attention_mask=mask,
-                             cache=cache, return_executed=True)
+    logits, exec_prompt = engine.prefill(ids, mask, cache, runner.tau, runner.skip)
+    nxt = sample(logits, temperature, top_k, top_p, generator)
+    _sync(device)
     prefill_ms = 1e3 * (time.perf_counter() - t0)
-    all_exec, all_valid = [executed], [mask]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    new = []
-    t0 = time.perf_counter()
-    for step in range(max_new_tokens):
-        nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
-        new.append(torch.where(done, -1, nxt))
-        if eos_token_id is not None:
-            done |= nxt == eos_token_id
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        live = ~done
-        logits, executed = model(nxt[:, None], tau=tau, skip_layers=skip_layers,
-                                 attention_mask=live[:, None], cache=cache, return_executed=True)
-        all_exec.append(executed)
-        all_valid.append(live[:, None])
-    decode_steps = len(all_exec) - 1
-    decode_ms = 1e3 * (time.perf_counter() - t0) / max(decode_steps, 1)
+    runner.start()
+    state = runner.state
 
-    executed, valid = torch.cat(all_exec, dim=2).cpu(), torch.cat(all_valid, dim=1).cpu()
-    tokens = [[t for t in row if t >= 0] for row in torch.stack(new, 1).tolist()]
-    report = flops_report(model.config, model.lr_config, executed, valid.long().cumsum(1), valid)
+    new = torch.empty(B, max_new, dtype=torch.long, device=device)
+    exec_hist = torch.zeros(max(max_new - 1, 0), L, B, dtype=torch.bool, device=device)
+    host: list[list[int]] = [[] for _ in range(B)]    # new tokens read back, up to each end
+    ended = [False] * B
+    checked = 0                                        # new tokens read back so far
+    steps = 0
+    t0 = time.perf_counter()
+    for step in range(max_new):
+        new[:, step] = nxt
+        last = step == max_new - 1
+        if last or (step + 1) % sync_every == 0:
+            rows = new[:, checked:step + 1].tolist()                 # the host sync
+            checked = step + 1
+            fresh: list[int | None] = [None] * B
+            for b in range(B):
+                for t in rows[b]:
+                    if ended[b]:
+                        break
+                    host[b].append(t)
+                    fresh[b] = t
+                    ended[b] = t in eos or bool(stop) and _stopped(tok, host[b], stop)
+            if sync_every == 1:
+                yield fresh
+            if all(ended) or last:
+                break
+        state.tokens.copy_(nxt)
+        runner.step()
+        exec_hist[step].copy_(state.executed)
+        steps += 1
+        nxt = runner.greedy_next.clone() if temperature == 0.0 else \
+            sample(state.logits, temperature, top_k, top_p, generator)
+    _sync(device)
+    decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
+    return _output(engine, host, tok, exec_prompt, exec_hist[:steps], mask, prefill_ms,
+                   decode_ms if steps else None, runner.use_graph)
+
+
+def _stopped(tok, tokens: list[int], stop) -> bool:
+    text = tok.decode(tokens, skip_special_tokens=False)
+    return any(s in text for s in stop)
+
+
+def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decode_ms,
+            graph) -> GenerateOutput:
+    B, steps = mask.shape[0], exec_hist.shape[0]
+    # Decode step j fed new token j of each sequence; it counts for a sequence that kept that
+    # token and went on (j < its length - 1).
+    fed = torch.zeros(B, steps, dtype=torch.bool)
+    for b, row in enumerate(tokens):
+        fed[b, :max(len(row) - 1, 0)] = True
+    executed = torch.cat([exec_prompt.cpu(), exec_hist.permute(1, 2, 0).cpu()], dim=2)
+    valid = torch.cat([mask.cpu(), fed], dim=1)
+    executed &= valid[None]
+    cfg, lr = engine.config, engine.lr_config
+    report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
     n_real = valid.sum().clamp(min=1)
     stats = {
         "prefill_ms": prefill_ms,
-        "decode_ms_per_token": decode_ms if decode_steps else None,
-        "skip_rate_per_layer": (1.0 - (executed & valid).sum((1, 2)) / n_real).tolist(),
+        "decode_ms_per_token": decode_ms,
+        "decode_steps": steps,
+        "new_tokens": sum(len(t) for t in tokens),
+        "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),
         "block_flops_skipped_pct": report.block_skipped_pct,
         "total_flops_skipped_pct": report.total_skipped_pct,
+        "cuda_graph": graph,
     }
-    return GenerateOutput(tokens, executed, valid, stats)
+    text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
+    return GenerateOutput(tokens, text, executed, valid, stats)

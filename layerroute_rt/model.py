@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
+from .cache import KVCache
 from .config import BackboneConfig, LayerRouteConfig, check_tau
 
 
@@ -156,41 +158,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-# ---------------------------------------------------------------------------------------------
-# KV cache
-# ---------------------------------------------------------------------------------------------
-
-class KVCache:
-    """A static, preallocated cache of K and V per layer, with per-layer key validity.
-
-    k, v: [layers, batch, max_len, kv_heads, head_dim]. Slot s of sequence b holds the s-th token
-    fed to the model (padding included). valid[l, b, s] says whether layer l may attend to it:
-    False for padding, and under kv_policy "drop" for a token that skipped layer l.
-    seen[b] counts the real tokens of sequence b so far (the next RoPE position).
-    seq_exec[l, b] holds the per-sequence decisions of `sequence` granularity, fixed at prefill.
-    """
-
-    def __init__(self, cfg: BackboneConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"KVCache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
-        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(shape[:3], dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.seq_exec: torch.Tensor | None = None
-        self.length = 0
-        self.dtype, self.device = dtype, self.k.device
-        self.max_len = max_len
-        self.batch_size = batch_size
-
-    def new_step(self) -> None:
-        """Under `sequence` granularity, let the next call decide again (a new step begins);
-        otherwise the decisions of the first call on this cache hold."""
-        self.seq_exec = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,8 +456,8 @@ class LayerRouteModel(nn.Module):
         k = apply_rope(attn.k_proj(x_kv).view(-1, nkv, hd), cos[kv_rows], sin[kv_rows])
         v = attn.v_proj(x_kv).view(-1, nkv, hd)
         b_kv, s_kv = batch_of[kv_rows], slot_of[kv_rows]
-        cache.k[i, b_kv, s_kv] = k
-        cache.v[i, b_kv, s_kv] = v
+        cache.k[i][b_kv, :, s_kv] = k
+        cache.v[i][b_kv, :, s_kv] = v
         cache.valid[i, b_kv, s_kv] = True
         if rows.numel() == 0:
             return flat
@@ -502,7 +469,7 @@ class LayerRouteModel(nn.Module):
             sel = (b_q == b).nonzero().squeeze(1)
             keys = cache.valid[i, b, :end][None, :] & (torch.arange(end, device=q.device)[None, :]
                                                        <= s_q[sel][:, None])
-            kb, vb = cache.k[i, b, :end].transpose(0, 1), cache.v[i, b, :end].transpose(0, 1)
+            kb, vb = cache.k[i, b, :, :end], cache.v[i, b, :, :end]
             o[sel] = _attention(q[sel].transpose(0, 1)[None], kb[None], vb[None],
                                 keys[None, None])[0].transpose(0, 1)
         h = flat[rows] + attn.o_proj(o.reshape(-1, cfg.q_dim))
@@ -595,6 +562,7 @@ def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
             setattr(model.get_submodule(module_name), attr,
                     nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device=device)))
     model.reset_adapter()
+    model.source_dir = Path(backbone_dir)       # where generate() finds the tokenizer
     if adapter is not None:
         model.load_adapter(adapter)
     return model.eval()

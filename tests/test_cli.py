@@ -56,7 +56,7 @@ def test_demo_flags_override_the_adapter(tmp_path, capsys, monkeypatch):
 def test_demo_text_prompt_needs_a_tokenizer(tmp_path, capsys):
     save_random_qwen2(tmp_path / "m", seed=1)
     assert cli.main(["demo", "--model", str(tmp_path / "m"), "--prompt", "hello"]) == 2
-    assert "--prompt needs the checkpoint's tokenizer" in capsys.readouterr().err
+    assert "has no tokenizer (tokenizer.json): pass --prompt-ids" in capsys.readouterr().err
 
 
 def test_train_and_eval_commands(tmp_path, capsys):
