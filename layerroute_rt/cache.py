@@ -28,6 +28,8 @@ class KVCache:
                                  device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.seq_exec: torch.Tensor | None = None
+        self._seq_buffer = torch.zeros(cfg.num_hidden_layers, batch_size, dtype=torch.bool,
+                                       device=device)
         self.length = 0
         self.dtype, self.device = dtype, self.k.device
         self.max_len = max_len
@@ -39,6 +41,13 @@ class KVCache:
         self.seen.zero_()
         self.seq_exec = None
         self.length = 0
+
+    def decide_sequences(self) -> torch.Tensor:
+        """A zeroed [layers, batch] buffer for new sequence decisions, made seq_exec. It is the
+        same tensor every time, so a captured CUDA graph that reads seq_exec stays valid."""
+        self._seq_buffer.zero_()
+        self.seq_exec = self._seq_buffer
+        return self.seq_exec
 
     def new_step(self) -> None:
         """Under `sequence` granularity, let the next call decide again (a new step begins);

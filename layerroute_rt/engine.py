@@ -260,7 +260,7 @@ class InferenceModel:
         slot_of = torch.arange(T, device=self.device).repeat(B)
         real_rows = valid_f.nonzero().squeeze(1)
         if lr.granularity == "sequence":
-            cache.seq_exec = torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=self.device)
+            cache.decide_sequences()
         executed = torch.zeros(cfg.num_hidden_layers, B * T, dtype=torch.bool, device=self.device)
         for i, blk in enumerate(self.blocks):
             if lr.granularity == "token":
@@ -308,6 +308,41 @@ class InferenceModel:
 
     # -- decode ---------------------------------------------------------------------------------
 
+    def _attend_cache(self, q: torch.Tensor, cache: KVCache, i: int) -> torch.Tensor:
+        """q [B, q_dim] (one query per sequence) against layer i's cache -> [B, q_dim]."""
+        cfg = self.config
+        B = q.shape[0]
+        o = _gqa_attention(q.view(B, 1, cfg.num_attention_heads, cfg.head_dim), cache.k[i],
+                           cache.v[i], cache.valid[i][:, None, :])
+        return o.reshape(B, cfg.q_dim)
+
+    def _block_all_rows(self, h, q, blk: FusedBlock, cos, sin, cache: KVCache, i: int):
+        """Block i on every row of h [B, D], given their q [B, q_dim] (before RoPE)."""
+        cfg = self.config
+        q = apply_rope(q.reshape(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        mid = h + self._linear(self._attend_cache(q.reshape(-1, cfg.q_dim), cache, i), blk.o_w,
+                               None, blk.o_lora)
+        return mid + self._mlp(self._rms(mid, blk.norm2), blk)
+
+    def _block_listed_rows(self, h, x, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
+                           index, count, ramp) -> None:
+        """Block i on the rows index[:count] of h [B, D] (x: their input norm), in place, with
+        count-aware kernels and no host reads. Gathered space: row j < count is sequence
+        index[j]; its rows past the count hold garbage that is never scattered back."""
+        cfg = self.config
+        B, nh, hd, qd = h.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.q_dim
+        hg = torch.empty_like(h)
+        ops.gather_rows(h, index, count, hg)
+        w, b, lora = self._q_rows(blk)
+        q = self._linear(x, w, b, lora, index, count)
+        safe = index.clamp(min=0).long()
+        q = apply_rope(q.view(B, nh, hd), cos[safe], sin[safe]).reshape(B, qd)
+        q_full = torch.zeros(B, qd, dtype=h.dtype, device=h.device)
+        ops.scatter_add_rows(q_full, q.contiguous(), index, count)
+        a = self._linear(self._attend_cache(q_full, cache, i), blk.o_w, None, blk.o_lora, index, count)
+        xn = ops.add_rmsnorm(hg, a, blk.norm2, self.eps, count)            # hg += a
+        ops.scatter_add_rows(h, a + self._mlp(xn, blk, ramp, count), index, count)
+
     def decode_state(self, cache: KVCache) -> DecodeState:
         """Static buffers for decoding after `prefill` on `cache`."""
         cfg, B = self.config, cache.batch_size
@@ -324,26 +359,24 @@ class InferenceModel:
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, cache: KVCache, tau: float,
-                    skip: frozenset[int] = frozenset()) -> None:
+                    skip: frozenset[int] = frozenset(), host_counts: bool | None = None) -> None:
         """One token per sequence: state.tokens in, state.logits and state.executed out; the
-        cache, positions and slot advance. Static shapes, no host reads of device values
-        (on CUDA with the Triton / CUDA ops); every sequence of the batch is fed a token."""
+        cache, positions and slot advance. Every sequence of the batch is fed a token.
+
+        host_counts=False (the default on CUDA): static shapes and no host reads of device
+        values (the counts stay on the device), so that the step can be captured in a CUDA
+        graph. host_counts=True (the default elsewhere, where reading a count costs nothing):
+        each block reads its count once and runs all rows without gathering when all run,
+        nothing when none does, and the listed rows otherwise."""
         cfg, lr = self.config, self.lr_config
         B = cache.batch_size
-        nh, hd, qd = cfg.num_attention_heads, cfg.head_dim, cfg.q_dim
+        if host_counts is None:
+            host_counts = self.device.type != "cuda"
         h = F.embedding(state.tokens, self.embed)                            # [B, D]
         cos, sin = self._rope(state.positions)
-        hg = torch.empty_like(h)
-        q_full = torch.empty(B, qd, dtype=self.dtype, device=self.device)
         for i, blk in enumerate(self.blocks):
-            x = self._rms(h, blk.norm1)
-            w, b, lora = self._kv_rows(blk)
-            k, v = self._split_kv(self._linear(x, w, b, lora), cos, sin)      # every row's K/V
-            cache.k[i].index_copy_(2, state.slot, k[:, :, None])
-            cache.v[i].index_copy_(2, state.slot, v[:, :, None])
             if i in skip:
-                run = torch.zeros(B, dtype=torch.bool, device=self.device)
-                index, count = None, None
+                run, index, count = torch.zeros(B, dtype=torch.bool, device=self.device), None, None
             elif lr.granularity == "token":
                 p, index, count = ops.route_tokens(h, blk.router_w, blk.router_b, tau)
                 run = p >= tau
@@ -353,22 +386,23 @@ class InferenceModel:
             state.executed[i].copy_(run)
             visible = torch.ones_like(run) if lr.kv_policy == "compute" else run
             cache.valid[i].index_copy_(1, state.slot, visible[:, None])
-            if index is None:
+            n = None if index is None or not host_counts else int(count[0])
+            x = self._rms(h, blk.norm1)
+            if n == B:                                  # every row runs: one fused qkv matmul
+                q, kv = self._linear(x, blk.qkv_w, blk.qkv_b, blk.qkv_lora).split(
+                    [cfg.q_dim, 2 * cfg.kv_dim], dim=-1)
+            else:
+                w, b, lora = self._kv_rows(blk)
+                kv = self._linear(x, w, b, lora)                             # every row's K/V
+            k, v = self._split_kv(kv, cos, sin)
+            cache.k[i].index_copy_(2, state.slot, k[:, :, None])
+            cache.v[i].index_copy_(2, state.slot, v[:, :, None])
+            if index is None or n == 0:
                 continue
-            # Gathered space: row j < count is sequence index[j]; rows past the count are unset.
-            ops.gather_rows(h, index, count, hg)
-            w, b, lora = self._q_rows(blk)
-            q = self._linear(x, w, b, lora, index, count)                    # count-aware
-            safe = index.clamp(min=0).long()
-            q = apply_rope(q.view(B, nh, hd), cos[safe], sin[safe]).reshape(B, qd)
-            q_full.zero_()
-            ops.scatter_add_rows(q_full, q.contiguous(), index, count)
-            o = _gqa_attention(q_full.view(B, 1, nh, hd), cache.k[i], cache.v[i],
-                               cache.valid[i][:, None, :])
-            a = self._linear(o.reshape(B, qd), blk.o_w, None, blk.o_lora, index, count)
-            xn = ops.add_rmsnorm(hg, a, blk.norm2, self.eps, count)        # hg += a
-            delta = a + self._mlp(xn, blk, state.ramp, count)
-            ops.scatter_add_rows(h, delta, index, count)
+            if n == B:
+                h = self._block_all_rows(h, q, blk, cos, sin, cache, i)
+            else:
+                self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp)
         state.logits.copy_(self.logits(h))
         state.positions += 1
         state.slot += 1

@@ -412,7 +412,7 @@ class LayerRouteModel(nn.Module):
             raise ValueError(f"cache: {cache.length} cached + {T} new tokens exceed max_len {cache.max_len}")
         route = valid if route_mask is None else (route_mask.bool() & valid)
         if lr.granularity == "sequence" and cache.seq_exec is None:
-            cache.seq_exec = torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=h.device)
+            cache.decide_sequences()
             decide_sequences = True
         else:
             decide_sequences = False

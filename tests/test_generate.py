@@ -85,9 +85,11 @@ def test_skipping_equals_reference_path(routed, granularity, kv_policy, merge):
 
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 @pytest.mark.parametrize("kv_policy", ["compute", "drop"])
-def test_decode_logits_equal_reference_step_by_step(routed, granularity, kv_policy):
+@pytest.mark.parametrize("host_counts", [True, False])
+def test_decode_logits_equal_reference_step_by_step(routed, granularity, kv_policy, host_counts):
     """Teacher-forced: a left-padded batch prefilled, then 6 decode steps, each step's logits and
-    decisions equal to the reference path's on the same tokens."""
+    decisions equal to the reference path's on the same tokens. host_counts=False is the
+    device-count path CUDA graphs run (here through the CPU ops)."""
     model = routed
     model.lr_config = dataclasses.replace(model.lr_config, granularity=granularity, kv_policy=kv_policy)
     engine = lr.InferenceModel(model, merge=False)
@@ -104,7 +106,7 @@ def test_decode_logits_equal_reference_step_by_step(routed, granularity, kv_poli
     skipped = 0
     for tokens in feed:
         state.tokens.copy_(tokens)
-        engine.decode_step(state, cache, 0.5)
+        engine.decode_step(state, cache, 0.5, host_counts=host_counts)
         ref, ref_exec = model(tokens[:, None], cache=ref_cache, return_executed=True)
         assert torch.equal(state.executed, ref_exec[:, :, 0])
         torch.testing.assert_close(state.logits, ref[:, -1], rtol=1e-4, atol=1e-4)
@@ -290,7 +292,7 @@ def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
     state = engine.decode_state(cache)
     state.tokens.copy_(logits.argmax(-1))
     with no_host_reads():
-        engine.decode_step(state, cache, 0.5)
+        engine.decode_step(state, cache, 0.5, host_counts=False)
     monkeypatch.delenv("LAYERROUTE_BACKEND")
     ref_cache = KVCache(routed.config, 2, 8, torch.float32, "cpu")
     routed(ids, attention_mask=ids != 0, cache=ref_cache)
