@@ -72,52 +72,69 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ours(engine, prompts, new_tokens, skips: dict[int, list[int]], repeats) -> dict[int, dict]:
-    """Median decode ms per step and prefill ms per skip set; the repeats go round-robin over
-    the skip sets, so that a drift of the machine's speed does not favour one of them."""
-    kw = dict(max_new_tokens=new_tokens, tau=0.0, eos_token_id=None, sync_every=new_tokens)
-    runs = {k: [] for k in skips}
-    for k, skip in skips.items():
-        lr.generate(engine, prompts, skip_layers=skip, **kw)          # warm-up: compile, capture
-    for _ in range(repeats):
-        for k, skip in skips.items():
-            runs[k].append(lr.generate(engine, prompts, skip_layers=skip, **kw).stats)
-    return {k: {"decode_ms_per_step": statistics.median(r["decode_ms_per_token"] for r in rs),
-                "decode_ms_all_repeats": [r["decode_ms_per_token"] for r in rs],
-                "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
-                "cuda_graph": rs[0]["cuda_graph"]} for k, rs in runs.items()}
+def _median_stats(runs: list[dict]) -> dict:
+    return {"decode_ms_per_step": statistics.median(r["decode_ms_per_step"] for r in runs),
+            "decode_ms_min": min(r["decode_ms_per_step"] for r in runs),
+            "decode_ms_all_repeats": [r["decode_ms_per_step"] for r in runs],
+            "prefill_ms": statistics.median(r["prefill_ms"] for r in runs)}
 
 
-def time_hf(hf, prompts, new_tokens, repeats, device) -> dict:
+def _ours_once(engine, prompts, new_tokens, skip) -> dict:
+    stats = lr.generate(engine, prompts, max_new_tokens=new_tokens, tau=0.0, skip_layers=skip,
+                        eos_token_id=None, sync_every=new_tokens).stats
+    return {"decode_ms_per_step": stats["decode_ms_per_token"], "prefill_ms": stats["prefill_ms"],
+            "cuda_graph": stats["cuda_graph"]}
+
+
+def _hf_once(hf, prompts, new_tokens, device) -> dict:
     """ms per decode step from generate(N) - generate(1) over N - 1 steps; prefill ~ generate(1)."""
     ids = torch.tensor(prompts, device=device)
-    mask = torch.ones_like(ids)
 
     def run(n):
         _sync(device)
         t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    pad_token_id=0)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0)
         _sync(device)
         return time.perf_counter() - t0
 
-    run(new_tokens)
-    run(1)                                                    # warm-up (and compile)
-    one = statistics.median(run(1) for _ in range(repeats))
-    full = statistics.median(run(new_tokens) for _ in range(repeats))
+    one, full = run(1), run(new_tokens)
     return {"decode_ms_per_step": 1e3 * (full - one) / (new_tokens - 1), "prefill_ms": 1e3 * one}
 
 
-def hf_models(model_dir, dtype, device, kinds):
+def measure_case(engine, baselines: dict, prompts, new_tokens, skips: dict[int, list[int]], repeats,
+                 device) -> tuple[dict, dict]:
+    """Our engine per skip set and each transformers baseline, all warmed up (compiled,
+    captured) first; then the repeats go round-robin over all of them, so that a drift of the
+    machine's speed favours none. Returns ({k: stats}, {kind: stats}), medians over repeats."""
+    for skip in skips.values():
+        _ours_once(engine, prompts, new_tokens, skip)
+    for hf in baselines.values():
+        _hf_once(hf, prompts, new_tokens, device)
+    ours = {k: [] for k in skips}
+    theirs = {kind: [] for kind in baselines}
+    for _ in range(repeats):
+        for k, skip in skips.items():
+            ours[k].append(_ours_once(engine, prompts, new_tokens, skip))
+        for kind, hf in baselines.items():
+            theirs[kind].append(_hf_once(hf, prompts, new_tokens, device))
+    return ({k: {**_median_stats(rs), "cuda_graph": rs[0]["cuda_graph"]} for k, rs in ours.items()},
+            {kind: _median_stats(rs) for kind, rs in theirs.items()})
+
+
+def hf_baselines(model_dir, dtype, device) -> dict:
+    """transformers' Qwen2ForCausalLM: eager, and on CUDA static cache + torch.compile."""
     import transformers
 
+    kinds = ["eager"] + (["static_compile"] if device.type == "cuda" else [])
+    models = {}
     for kind in kinds:
         hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         if kind == "static_compile":
             hf.generation_config.cache_implementation = "static"
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-        yield kind, hf
-        del hf
+        models[kind] = hf
+    return models
 
 
 def prefill_half_routed(model, engine_kwargs, prompt, dense_ms, all_skipped_ms, repeats, device):
@@ -218,13 +235,14 @@ def main(argv=None) -> int:
         "weight_read_floor_ms": floor_ms, "new_tokens": args.new_tokens,
         "ours": [], "transformers": [], "prefill_half_routed": None,
     }
+    baselines = hf_baselines(model_dir, dtype, device) if args.baselines else {}
     gen = torch.Generator().manual_seed(0)
     skip_counts = sorted({round(f * L) for f in args.skip_fractions} | {L})
     for prompt_len in args.prompt:
         for batch in args.batch:
             prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
-            timed = time_ours(engine, prompts, args.new_tokens,
-                              {k: spread(k, L) for k in skip_counts}, args.repeats)
+            timed, hf_timed = measure_case(engine, baselines, prompts, args.new_tokens,
+                                           {k: spread(k, L) for k in skip_counts}, args.repeats, device)
             rows = [{"batch": batch, "prompt": prompt_len, "blocks_skipped": k,
                      "skip_layers": spread(k, L), **timed[k]} for k in skip_counts]
             for r in rows:
@@ -236,17 +254,16 @@ def main(argv=None) -> int:
                 r["ideal_ms"] = dense - k * share
                 r["saved_of_ideal"] = (dense - r["decode_ms_per_step"]) / (k * share) if k else None
                 r["vs_dense"] = 1 - r["decode_ms_per_step"] / dense
+                r["vs_dense_min"] = 1 - r["decode_ms_min"] / rows[0]["decode_ms_min"]
                 # paired: repeat i of this skip set against repeat i of dense, run back to back
                 r["vs_dense_paired_median"] = statistics.median(
                     1 - a / b for a, b in zip(r["decode_ms_all_repeats"], rows[0]["decode_ms_all_repeats"]))
                 r["floor_ms"] = floor_ms if batch == 1 else None
             results["ours"].extend(rows)
-            if args.baselines:
-                kinds = ["eager"] + (["static_compile"] if device.type == "cuda" else [])
-                for kind, hf in hf_models(model_dir, dtype, device, kinds):
-                    t = time_hf(hf, prompts, args.new_tokens, args.repeats, device)
-                    results["transformers"].append({"batch": batch, "prompt": prompt_len, "kind": kind, **t})
-                    print(json.dumps(results["transformers"][-1]), flush=True)
+            for kind, t in hf_timed.items():
+                results["transformers"].append({"batch": batch, "prompt": prompt_len, "kind": kind, **t,
+                                                "ours_speedup": t["decode_ms_per_step"] / dense})
+                print(json.dumps(results["transformers"][-1]), flush=True)
             if prompt_len == max(args.prompt) and batch == 1:
                 results["prefill_half_routed"] = prefill_half_routed(
                     model, engine_kwargs, prompts, rows[0]["prefill_ms"], rows[-1]["prefill_ms"],
