@@ -204,7 +204,10 @@ def _fingerprint(examples: Sequence) -> str:
     """A hash of the training data, so that a resumed run is known to read the same examples."""
     h = hashlib.sha256()
     for e in examples:
-        h.update(repr(getattr(e, "input_ids", e)).encode())
+        ids = e["input_ids"] if isinstance(e, dict) else getattr(e, "input_ids", e)
+        if isinstance(ids, torch.Tensor):          # repr would elide the middle of a long one
+            ids = ids.tolist()
+        h.update(repr(ids).encode())
     return h.hexdigest()
 
 
