@@ -1,12 +1,15 @@
 """The `layerroute` command.
 
     layerroute demo  [--model DIR] [--adapter DIR] [--prompt TEXT | --prompt-ids 1 2 3] ...
+    layerroute generate --model DIR [--adapter DIR] --prompt TEXT [--prompt TEXT ...] [--stream] ...
     layerroute train --model DIR --out DIR [--data FILE | --synthetic N] [--resume] ...
     layerroute eval  --model DIR --out DIR (--adapter DIR | --seeds 0 1 2) [--data FILE] ...
 
 demo: load a Qwen2 checkpoint directory (without --model, the bundled demo model and its adapter),
 generate, and print the tokens with the per-layer skip map, the FLOPs skipped and the time per
 token.
+generate: text prompts through the checkpoint's tokenizer and chat template; prints the text
+(streamed with --stream), the skip rate per block, the FLOPs skipped and the time per token.
 train: train routers + LoRA on step-typed agentic data (a file in one of data.FORMATS, or
 synthetic trajectories), tokenized with the checkpoint's own tokenizer; the data is split by
 trajectory and the held-out part is never trained on.
@@ -128,6 +131,54 @@ def demo(args: argparse.Namespace) -> int:
           f"{'n/a' if decode is None else f'{decode:.2f} ms per step'} "
           f"({args.device}, {args.dtype}, {'CUDA graph' if s['cuda_graph'] else 'eager'}, LoRA merged); over prompts and generated tokens "
           f"{s['block_flops_skipped_pct']:.1f}% of block FLOPs skipped")
+    return 0
+
+
+def _runtime_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
+    p.add_argument("--model", required=default_model is None,
+                   help="a Hugging Face Qwen2 checkpoint directory" +
+                        (f" (default: {default_model})" if default_model else ""))
+    p.add_argument("--adapter", help="a LayerRoute adapter directory written by save_adapter")
+    p.add_argument("--tau", type=float, help="routing threshold (default: the adapter's, or 0.5)")
+    p.add_argument("--granularity", choices=("token", "sequence"))
+    p.add_argument("--kv-policy", choices=("compute", "drop"))
+    p.add_argument("--skip-layers", type=int, nargs="*", help="blocks to skip for every token")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def generate_cmd(args: argparse.Namespace) -> int:
+    model = load(args.model, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
+    _apply_runtime_flags(model, args)
+    engine = InferenceModel(model)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, stop=args.stop, skip_layers=args.skip_layers, seed=args.seed,
+              chat_template=not args.no_chat_template)
+    if args.stream:
+        if len(args.prompt) != 1:
+            raise ValueError("--stream takes one --prompt")
+        tok = load_tokenizer(engine)
+        stream = generate(engine, args.prompt, stream=True, **kw)
+        shown, so_far = "", []
+        for step in stream:
+            if step[0] is not None:
+                so_far.append(step[0])
+                text = tok.decode(so_far, skip_special_tokens=True)
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        print()
+        out = stream.output
+    else:
+        out = generate(engine, args.prompt, **kw)
+        for prompt, text in zip(args.prompt, out.text or [str(t) for t in out.tokens]):
+            print(f"=== {prompt!r}\n{text}")
+    s = out.stats
+    rates = " ".join(f"{r:.2f}" for r in s["skip_rate_per_layer"])
+    decode = s["decode_ms_per_token"]
+    print(f"\nskip rate per block: {rates}\n{s['block_flops_skipped_pct']:.1f}% of block FLOPs and "
+          f"{s['total_flops_skipped_pct']:.1f}% of total forward FLOPs skipped; prefill "
+          f"{s['prefill_ms']:.1f} ms, decode {'n/a' if decode is None else f'{decode:.2f} ms per step'} "
+          f"({args.device}, {args.dtype}, {'CUDA graph' if s['cuda_graph'] else 'eager'})")
     return 0
 
 
@@ -271,23 +322,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerroute", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate with skipping and print the skip map")
-    p.add_argument("--model", help="a Hugging Face Qwen2 checkpoint directory (default: build a small one)")
-    p.add_argument("--adapter", help="a LayerRoute adapter directory written by save_adapter")
-    p.add_argument("--prompt", help=f"text prompt (needs the checkpoint's tokenizer; default "
-                                    f"{DEFAULT_PROMPT!r}, or random ids without a tokenizer)")
+    _runtime_args(p, default_model="the bundled demo model and its adapter")
+    p.add_argument("--prompt", help=f"text prompt, through the checkpoint's tokenizer and chat template "
+                                    f"(default with --model: {DEFAULT_PROMPT!r}; without: a tool-call "
+                                    f"and a planning context from unseen synthetic trajectories)")
     p.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--tau", type=float, help="routing threshold (default: the adapter's, or 0.5)")
-    p.add_argument("--granularity", choices=("token", "sequence"))
-    p.add_argument("--kv-policy", choices=("compute", "drop"))
-    p.add_argument("--skip-layers", type=int, nargs="*", help="blocks to skip for every token")
     p.add_argument("--random-routers", type=int, metavar="SEED",
-                   help="random untrained routers (default for the built-in model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+                   help="random untrained routers: the mechanism, not a learned policy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    p = sub.add_parser("generate", help="generate text from prompts with skipping (streamed with --stream)")
+    _runtime_args(p, default_model=None)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a text prompt (repeat for a batch), through the tokenizer's chat template")
+    p.add_argument("--no-chat-template", action="store_true", help="encode the prompts as plain text")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
+    p.set_defaults(func=generate_cmd)
     p = sub.add_parser("train", help="train routers + LoRA on step-typed agentic data")
     _data_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")

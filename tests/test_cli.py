@@ -101,3 +101,20 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert cfg["tau"] == 0.0 and cfg["granularity"] == "sequence"
     skip = json.loads((tmp_path / "z" / "eval.json").read_text())["per_seed"]["adapter"]["heldout"]["all"]
     assert skip["skip_rate"] == 0.0
+
+
+def test_generate_command_streams_the_same_text(capsys):
+    from layerroute_rt.cli import DEMO_DIR
+
+    args = ["generate", "--model", str(DEMO_DIR), "--adapter", str(DEMO_DIR / "adapter"),
+            "--prompt", "Find flights from Paris to Rome.", "--max-new-tokens", "12"]
+    assert cli.main(args) == 0
+    batch = capsys.readouterr().out
+    assert cli.main(args + ["--stream"]) == 0
+    streamed = capsys.readouterr().out
+    text = batch.split("\n", 1)[1].split("\n\nskip rate per block:")[0]
+    assert text and streamed.startswith(text)
+    assert "skip rate per block:" in streamed and "ms per step" in streamed
+    assert cli.main(["generate", "--model", str(DEMO_DIR), "--prompt", "a", "--prompt", "b",
+                     "--stream"]) == 2
+    assert "--stream takes one --prompt" in capsys.readouterr().err
