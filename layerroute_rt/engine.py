@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import checkpoint, ops
 from .cache import KVCache
+from .config import LayerRouteConfig
 from .model import LayerRouteModel, LoRALinear, apply_rope
 
 
@@ -166,18 +167,25 @@ class InferenceModel:
 
     def with_adapter(self, adapter_dir) -> "InferenceModel":
         """An unmerged engine for another adapter of the same backbone (checked as load_adapter
-        checks it), sharing this engine's base tensors: this engine must be unmerged, since
-        merged weights hold its own adapter."""
+        checks it, run with the adapter's own tau, granularity and kv_policy), sharing this
+        engine's base tensors: this engine must be unmerged, since merged weights hold its own
+        adapter."""
         if self.merged:
             raise ValueError("with_adapter: this engine has its LoRA merged into the weights; "
                              "build it with merge=False to share the base between adapters")
         model = self.source
+        stored = LayerRouteConfig.from_dict(
+            checkpoint.read_adapter_config(adapter_dir, model.config),
+            source=f"{adapter_dir}/{checkpoint.ADAPTER_CONFIG_FILE}")
         saved = {n: p.detach().clone() for n, p in model.adapter_state_dict().items()}
+        own = model.lr_config
         try:
             model.load_adapter(Path(adapter_dir))
+            model.lr_config = stored               # its tau, granularity and kv_policy
             return InferenceModel(model, merge=False, max_cache_len=self.max_cache_len,
                                   use_cuda_graphs=self.use_cuda_graphs, _base=self)
         finally:
+            model.lr_config = own
             with torch.no_grad():
                 for n, p in model.adapter_state_dict().items():
                     p.copy_(saved[n])
@@ -341,7 +349,8 @@ class InferenceModel:
         ops.scatter_add_rows(q_full, q.contiguous(), index, count)
         a = self._linear(self._attend_cache(q_full, cache, i), blk.o_w, None, blk.o_lora, index, count)
         xn = ops.add_rmsnorm(hg, a, blk.norm2, self.eps, count)            # hg += a
-        ops.scatter_add_rows(h, a + self._mlp(xn, blk, ramp, count), index, count)
+        ops.scatter_add_rows(h, a, index, count)        # two adds, rounded as the reference
+        ops.scatter_add_rows(h, self._mlp(xn, blk, ramp, count), index, count)  # rounds them
 
     def decode_state(self, cache: KVCache) -> DecodeState:
         """Static buffers for decoding after `prefill` on `cache`."""
@@ -367,7 +376,8 @@ class InferenceModel:
         values (the counts stay on the device), so that the step can be captured in a CUDA
         graph. host_counts=True (the default elsewhere, where reading a count costs nothing):
         each block reads its count once and runs all rows without gathering when all run,
-        nothing when none does, and the listed rows otherwise."""
+        nothing when none does, and the listed rows otherwise. cache.length keeps the prefill
+        length (a captured graph cannot move a Python int); state.slot is the next slot."""
         cfg, lr = self.config, self.lr_config
         B = cache.batch_size
         if host_counts is None:

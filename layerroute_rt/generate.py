@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from . import ops
 from .config import check_tau
 from .engine import DecodeState, InferenceModel
 from .flops import flops_report
@@ -43,7 +44,9 @@ class GenerationStream:
         self.output: GenerateOutput | None = None
 
     def __iter__(self):
-        self.output = yield from self._steps
+        output = yield from self._steps
+        if output is not None:              # a second iteration finds the steps exhausted
+            self.output = output
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -160,76 +163,101 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 
 # -- the decode step, eager or as a CUDA graph ---------------------------------------------------
 
+# The ops of a decode step; a CUDA graph needs each of them to keep its count on the device
+# (a Triton or compiled kernel: the torch references read the count on the host).
+DECODE_OPS = ("route_tokens", "lora_linear", "gather_rows", "scatter_add_rows", "add_rmsnorm")
+
+
+def graphs_possible(device: torch.device) -> bool:
+    """Whether a decode step on `device` can be captured in a CUDA graph."""
+    return device.type == "cuda" and all(ops.backend(op, device) != "torch" for op in DECODE_OPS)
+
+
 class _Runner:
     """A cache, the decode state over it and, on CUDA, the captured step, for one batch size,
-    cache length, tau and skip set. Reused across generate() calls with the same key."""
+    cache length, tau and skip set. Reused across generate() calls with the same key, by one
+    generation at a time (`busy`)."""
 
     def __init__(self, engine: InferenceModel, batch: int, cache_len: int, tau: float,
                  skip: frozenset[int], use_graph: bool):
         self.engine, self.tau, self.skip = engine, tau, skip
         self.cache = engine.new_cache(batch, cache_len)
         self.use_graph = use_graph
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.state: DecodeState | None = None
         self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        self.busy = False
 
     def start(self) -> None:
-        """After prefill: point the decode state at the cache (same buffers if captured)."""
+        """After prefill: point the decode state at the cache (the same buffers when a graph
+        was captured on them) and capture the step if it is not yet."""
         fresh = self.engine.decode_state(self.cache)
         if self.state is None:
             self.state = fresh
-            return
-        self.state.positions.copy_(fresh.positions)
-        self.state.slot.copy_(fresh.slot)
-        if fresh.seq_rows is not None:
-            for (index, count), (i2, c2) in zip(self.state.seq_rows, fresh.seq_rows):
-                index.copy_(i2)
-                count.copy_(c2)
+        else:
+            self.state.positions.copy_(fresh.positions)
+            self.state.slot.copy_(fresh.slot)
+            if fresh.seq_rows is not None:
+                for (index, count), (i2, c2) in zip(self.state.seq_rows, fresh.seq_rows):
+                    index.copy_(i2)
+                    count.copy_(c2)
+        if self.use_graph and self.graph is None:
+            self._capture()
 
     def _eager_step(self) -> None:
         self.engine.decode_step(self.state, self.cache, self.tau, self.skip)
         torch.argmax(self.state.logits, -1, out=self.greedy_next)
 
     def step(self) -> None:
-        if not self.use_graph:
-            return self._eager_step()
         if self.graph is None:
-            self._capture()
-        self.graph.replay()
+            self._eager_step()
+        else:
+            self.graph.replay()
 
     def _capture(self) -> None:
         """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
         to the decode state and the cache, then capture one step."""
-        st, cache = self.state, self.cache
-        saved = (st.positions.clone(), st.slot.clone(), st.tokens.clone(), cache.length)
+        st = self.state
+        saved = (st.positions.clone(), st.slot.clone(), st.tokens.clone(), int(st.slot[0]))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._eager_step()
         torch.cuda.current_stream().wait_stream(side)
         self._restore(saved)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self._eager_step()
         self._restore(saved)               # capture records; restoring again is harmless
+        self.graph = graph                 # only once captured
 
     def _restore(self, saved) -> None:
-        positions, slot, tokens, length = saved
+        positions, slot, tokens, first_free = saved
         self.state.positions.copy_(positions)
         self.state.slot.copy_(slot)
         self.state.tokens.copy_(tokens)
-        self.cache.valid[:, :, length:] = False
+        self.cache.valid[:, :, first_free:] = False
+
+
+MAX_RUNNERS = 4      # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
 
 
 def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
-    use_graph = engine.device.type == "cuda" and engine.use_cuda_graphs
+    """The engine's runner for this key, most recently used last; a private one while it is busy
+    (another stream of the same shape is still open)."""
+    use_graph = engine.use_cuda_graphs and graphs_possible(engine.device)
     key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
     runners = engine.__dict__.setdefault("_runners", {})
-    if key not in runners:
-        if len(runners) >= 8:                                     # keep a few, drop the oldest
-            runners.pop(next(iter(runners)))
-        runners[key] = _Runner(engine, batch, cache_len, tau, skip, use_graph)
-    return runners[key]
+    runner = runners.pop(key, None)
+    if runner is not None and runner.busy:
+        runners[key] = runner
+        return _Runner(engine, batch, cache_len, tau, skip, use_graph)
+    if runner is None:
+        if len(runners) >= MAX_RUNNERS:
+            runners.pop(next(iter(runners)))                    # the least recently used
+        runner = _Runner(engine, batch, cache_len, tau, skip, use_graph)
+    runners[key] = runner
+    return runner
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -320,9 +348,19 @@ def _sync(device: torch.device) -> None:
 
 def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p, seed,
                     eos: set[int], stop, tok, sync_every):
-    """The generation loop as a generator: yields each step's tokens at every host check (each
-    step when streaming) and returns the GenerateOutput."""
-    device, B, T = engine.device, ids.shape[0], ids.shape[1]
+    """The generation loop as a generator: yields each step's tokens at every host check when
+    streaming (sync_every 1) and returns the GenerateOutput. Holds the runner while it runs."""
+    runner.busy = True
+    try:
+        return (yield from _loop(engine, runner, ids, mask, max_new, temperature, top_k, top_p,
+                                 seed, eos, stop, tok, sync_every))
+    finally:
+        runner.busy = False
+
+
+def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p, seed, eos, stop,
+          tok, sync_every):
+    device, B = engine.device, ids.shape[0]
     L = engine.config.num_hidden_layers
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = runner.cache
@@ -333,7 +371,7 @@ def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, to
     nxt = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_ms = 1e3 * (time.perf_counter() - t0)
-    runner.start()
+    runner.start()                      # on CUDA the first call for a key captures the graph here
     state = runner.state
 
     new = torch.empty(B, max_new, dtype=torch.long, device=device)
@@ -342,6 +380,7 @@ def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, to
     ended = [False] * B
     checked = 0                                        # new tokens read back so far
     steps = 0
+    _sync(device)
     t0 = time.perf_counter()
     for step in range(max_new):
         new[:, step] = nxt
@@ -358,7 +397,9 @@ def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, to
                     fresh[b] = t
                     ended[b] = t in eos or bool(stop) and _stopped(tok, host[b], stop)
             if sync_every == 1:
+                paused = time.perf_counter()
                 yield fresh
+                t0 += time.perf_counter() - paused               # the consumer's time is not ours
             if all(ended) or last:
                 break
         state.tokens.copy_(nxt)
@@ -370,7 +411,7 @@ def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, to
     _sync(device)
     decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
     return _output(engine, host, tok, exec_prompt, exec_hist[:steps], mask, prefill_ms,
-                   decode_ms if steps else None, runner.use_graph)
+                   decode_ms if steps else None, runner.graph is not None)
 
 
 def _stopped(tok, tokens: list[int], stop) -> bool:

@@ -148,6 +148,40 @@ def test_stream_equals_returned(routed):
     assert stream.output.tokens == lr.generate(engine, PROMPTS, **kw).tokens
 
 
+def test_stream_kept_open_while_another_generation_runs(routed):
+    """Two generations of the same shape share no cache: a paused stream resumes unharmed."""
+    engine = lr.InferenceModel(routed)
+    alone = lr.generate(engine, PROMPTS, max_new_tokens=6, eos_token_id=None).tokens
+    stream = lr.generate(engine, PROMPTS, max_new_tokens=6, eos_token_id=None, stream=True)
+    steps = iter(stream)
+    next(steps), next(steps)
+    other = [[3, 3, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4], [5]]
+    lr.generate(engine, other, max_new_tokens=6, eos_token_id=None)
+    list(steps)
+    assert stream.output.tokens == alone
+    list(stream)                                   # iterating again keeps the output
+    assert stream.output.tokens == alone
+
+
+def test_bf16_decode_paths_agree(tiny):
+    """The device-count path (CUDA's) adds the attention and MLP outputs to the residual with
+    the same roundings as the all-rows path and the reference: bf16 logits equal exactly."""
+    model = lr.load(tiny[0], dtype=torch.bfloat16)
+    model.randomize_adapter(seed=1)
+    engine = lr.InferenceModel(model)
+    ids = torch.tensor([[5, 9, 200, 3]])
+    logits = []
+    for host_counts in (True, False):
+        cache = engine.new_cache(1, 12)
+        last, _ = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, 0.0)
+        state = engine.decode_state(cache)
+        for t in (7, 8, 9):
+            state.tokens.fill_(t)
+            engine.decode_step(state, cache, 0.0, host_counts=host_counts)
+        logits.append(state.logits.clone())
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_eos_ends_each_sequence(routed):
     engine = lr.InferenceModel(routed)
     free = lr.generate(engine, PROMPTS, max_new_tokens=8, eos_token_id=None).tokens
@@ -206,6 +240,12 @@ def test_with_adapter_shares_the_base(tiny, tmp_path):
     assert lr.generate(engine_a, PROMPTS, **kw).tokens == reference_greedy(a, PROMPTS, 5)
     with pytest.raises(ValueError, match="merged into the weights"):
         lr.InferenceModel(a).with_adapter(tmp_path / "b")
+    b.lr_config = dataclasses.replace(b.lr_config, granularity="sequence", tau=0.4)
+    b.save_adapter(tmp_path / "b_seq")
+    engine_c = engine_a.with_adapter(tmp_path / "b_seq")       # the adapter's own settings
+    assert (engine_c.lr_config.granularity, engine_c.lr_config.tau) == ("sequence", 0.4)
+    assert a.lr_config.granularity == "token"
+    assert lr.generate(engine_c, PROMPTS, **kw).tokens == reference_greedy(b, PROMPTS, 5)
 
 
 def test_adapter_for_another_backbone_shape(tmp_path):
