@@ -10,7 +10,6 @@ import layerroute_rt as lr
 from layerroute_rt.data import Example, collate
 from layerroute_rt.evaluate import evaluate, run_seeds, summarize
 from layerroute_rt.train import TrainConfig
-from qwen_factory import save_random_qwen2
 
 
 def examples(n=16, seed=0):
@@ -23,13 +22,6 @@ def examples(n=16, seed=0):
         out.append(Example(ctx + step, [-100] * len(ctx) + step, [False] * len(ctx) + [True] * len(step),
                            kind, len(step), f"t{i}", 1))
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval")
-    hf = save_random_qwen2(path)
-    return path, hf
 
 
 def test_metrics_match_direct_computation(tiny):

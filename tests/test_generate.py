@@ -32,13 +32,6 @@ def reference_greedy(model, prompts, n, tau=None, skip_layers=None):
     return outs
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gen")
-    hf = save_random_qwen2(path)
-    return path, hf
-
-
 @pytest.fixture
 def routed(tiny):
     """The tiny model with random routers and LoRA: about half the block-token pairs skip."""
