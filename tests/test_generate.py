@@ -124,6 +124,23 @@ def test_merged_equals_unmerged(routed):
     torch.testing.assert_close(a1, b1, rtol=1e-5, atol=1e-5)
 
 
+def test_merged_equals_unmerged_bf16(tiny):
+    """In bf16 the merged weights round W + s B A once: the logits agree within bf16 tolerance
+    (every block runs, tau 0, so that no decision flips on a rounding)."""
+    model = lr.load(tiny[0], dtype=torch.bfloat16)
+    model.randomize_adapter(seed=1)
+    ids = torch.tensor([PROMPTS[1]])
+    out = []
+    for merge in (True, False):
+        engine = lr.InferenceModel(model, merge=merge)
+        last, _ = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), engine.new_cache(1, 12), 0.0)
+        out.append(last)
+    assert torch.equal(engine.blocks[0].qkv_w, torch.cat([model.blocks[0].self_attn.q_proj.weight,
+                                                          model.blocks[0].self_attn.k_proj.weight,
+                                                          model.blocks[0].self_attn.v_proj.weight]))
+    assert (out[0] - out[1]).abs().max() <= 0.03 * out[1].abs().max()
+
+
 def test_batch_equals_one_by_one(routed):
     engine = lr.InferenceModel(routed)
     batch = lr.generate(engine, PROMPTS, max_new_tokens=6, eos_token_id=None)
