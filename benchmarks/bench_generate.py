@@ -79,10 +79,20 @@ def _median_stats(runs: list[dict]) -> dict:
             "prefill_ms": statistics.median(r["prefill_ms"] for r in runs)}
 
 
-def _ours_once(engine, prompts, new_tokens, skip) -> dict:
-    stats = lr.generate(engine, prompts, max_new_tokens=new_tokens, tau=0.0, skip_layers=skip,
-                        eos_token_id=None, sync_every=new_tokens).stats
-    return {"decode_ms_per_step": stats["decode_ms_per_token"], "prefill_ms": stats["prefill_ms"],
+def _ours_once(engine, prompts, new_tokens, config) -> dict:
+    """config (mode, blocks): "forced" skips the blocks by skip_layers (tau 0: no router runs);
+    "routed" lets the routers skip them (biases set to -1e4 there and +1e4 elsewhere, tau 0.5),
+    so the router kernels, the device counts and the count-aware kernels are in the time."""
+    mode, blocks = config
+    if mode == "routed":
+        for i, blk in enumerate(engine.blocks):
+            blk.router_b.fill_(-1e4 if i in blocks else 1e4)
+        kw = dict(tau=0.5)
+    else:
+        kw = dict(tau=0.0, skip_layers=blocks)
+    stats = lr.generate(engine, prompts, max_new_tokens=new_tokens, eos_token_id=None,
+                        sync_every=new_tokens, **kw).stats
+    return {"decode_ms_per_step": stats["decode_ms_per_step"], "prefill_ms": stats["prefill_ms"],
             "cuda_graph": stats["cuda_graph"]}
 
 
@@ -102,28 +112,33 @@ def _hf_once(hf, prompts, new_tokens, device) -> dict:
     return {"decode_ms_per_step": 1e3 * (full - one) / (new_tokens - 1), "prefill_ms": 1e3 * one}
 
 
-def measure_case(engine, baselines: dict, prompts, new_tokens, skips: dict[int, list[int]], repeats,
+def measure_case(engine, baselines: dict, prompts, new_tokens, configs: dict, repeats,
                  device) -> tuple[dict, dict]:
-    """Our engine per skip set and each transformers baseline, all warmed up (compiled,
+    """Our engine per configuration and each transformers baseline, all warmed up (compiled,
     captured) first; then the repeats go round-robin over all of them, so that a drift of the
-    machine's speed favours none. Returns ({k: stats}, {kind: stats}), medians over repeats."""
-    for skip in skips.values():
-        _ours_once(engine, prompts, new_tokens, skip)
+    machine's speed favours none. Returns ({config: stats}, {kind: stats}), medians."""
+    saved = [blk.router_b.clone() for blk in engine.blocks]
+    torch._dynamo.reset()                   # the compiled baseline recompiles for this shape
+    for config in configs.values():
+        _ours_once(engine, prompts, new_tokens, config)
     for hf in baselines.values():
         _hf_once(hf, prompts, new_tokens, device)
-    ours = {k: [] for k in skips}
+    ours = {k: [] for k in configs}
     theirs = {kind: [] for kind in baselines}
     for _ in range(repeats):
-        for k, skip in skips.items():
-            ours[k].append(_ours_once(engine, prompts, new_tokens, skip))
+        for k, config in configs.items():
+            ours[k].append(_ours_once(engine, prompts, new_tokens, config))
         for kind, hf in baselines.items():
             theirs[kind].append(_hf_once(hf, prompts, new_tokens, device))
+    for blk, b in zip(engine.blocks, saved):
+        blk.router_b.copy_(b)
     return ({k: {**_median_stats(rs), "cuda_graph": rs[0]["cuda_graph"]} for k, rs in ours.items()},
             {kind: _median_stats(rs) for kind, rs in theirs.items()})
 
 
 def hf_baselines(model_dir, dtype, device) -> dict:
-    """transformers' Qwen2ForCausalLM: eager, and on CUDA static cache + torch.compile."""
+    """transformers' Qwen2ForCausalLM: eager, and on CUDA a static cache, with which generate()
+    compiles the decode step itself (torch.compile, CUDA graphs)."""
     import transformers
 
     kinds = ["eager"] + (["static_compile"] if device.type == "cuda" else [])
@@ -132,7 +147,6 @@ def hf_baselines(model_dir, dtype, device) -> dict:
         hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         if kind == "static_compile":
             hf.generation_config.cache_implementation = "static"
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
         models[kind] = hf
     return models
 
@@ -170,11 +184,15 @@ def plot(results, path, floor_ms):
     cases = sorted({(r["batch"], r["prompt"]) for r in results["ours"]})
     fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 3.8), squeeze=False)
     for ax, (batch, prompt) in zip(axes[0], cases):
-        rows = sorted((r for r in results["ours"] if (r["batch"], r["prompt"]) == (batch, prompt)),
+        case = sorted((r for r in results["ours"] if (r["batch"], r["prompt"]) == (batch, prompt)),
                       key=lambda r: r["blocks_skipped"])
-        ks = [r["blocks_skipped"] for r in rows]
-        ax.plot(ks, [r["decode_ms_per_step"] for r in rows], "o-", label="layerroute_rt")
-        ax.plot(ks, [r["ideal_ms"] for r in rows], "k--", label="ideal (dense - k x block share)")
+        forced = [r for r in case if r["mode"] == "forced"]
+        routed = [forced[0]] + [r for r in case if r["mode"] == "routed"]
+        ks = [r["blocks_skipped"] for r in forced]
+        ax.plot(ks, [r["decode_ms_per_step"] for r in forced], "o-", label="layerroute_rt, skip_layers")
+        ax.plot([r["blocks_skipped"] for r in routed], [r["decode_ms_per_step"] for r in routed], "s-",
+                label="layerroute_rt, routers skip")
+        ax.plot(ks, [r["ideal_ms"] for r in forced], "k--", label="ideal (dense - k x block share)")
         for r in results["transformers"]:
             if (r["batch"], r["prompt"]) == (batch, prompt):
                 ax.axhline(r["decode_ms_per_step"], ls=":", color="gray")
@@ -206,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", choices=["merged", "unmerged"], default="merged")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (ms per step is measured over the decode steps)")
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     tmp = None
@@ -237,27 +257,30 @@ def main(argv=None) -> int:
     }
     baselines = hf_baselines(model_dir, dtype, device) if args.baselines else {}
     gen = torch.Generator().manual_seed(0)
-    skip_counts = sorted({round(f * L) for f in args.skip_fractions} | {L})
+    skip_counts = sorted({round(f * L) for f in args.skip_fractions} | {0, L})
     for prompt_len in args.prompt:
         for batch in args.batch:
             prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
-            timed, hf_timed = measure_case(engine, baselines, prompts, args.new_tokens,
-                                           {k: spread(k, L) for k in skip_counts}, args.repeats, device)
-            rows = [{"batch": batch, "prompt": prompt_len, "blocks_skipped": k,
-                     "skip_layers": spread(k, L), **timed[k]} for k in skip_counts]
+            configs = {("forced", k): ("forced", spread(k, L)) for k in skip_counts}
+            configs |= {("routed", k): ("routed", spread(k, L)) for k in skip_counts if k}
+            timed, hf_timed = measure_case(engine, baselines, prompts, args.new_tokens, configs,
+                                           args.repeats, device)
+            rows = [{"batch": batch, "prompt": prompt_len, "mode": mode, "blocks_skipped": k,
+                     "blocks": spread(k, L), **timed[mode, k]} for mode, k in configs]
             for r in rows:
                 print(json.dumps(r), flush=True)
-            dense, none_left = rows[0]["decode_ms_per_step"], rows[-1]["decode_ms_per_step"]
+            by = {(r["mode"], r["blocks_skipped"]): r for r in rows}
+            dense, none_left = by["forced", 0]["decode_ms_per_step"], by["forced", L]["decode_ms_per_step"]
             share = (dense - none_left) / L
             for r in rows:
                 k = r["blocks_skipped"]
                 r["ideal_ms"] = dense - k * share
                 r["saved_of_ideal"] = (dense - r["decode_ms_per_step"]) / (k * share) if k else None
                 r["vs_dense"] = 1 - r["decode_ms_per_step"] / dense
-                r["vs_dense_min"] = 1 - r["decode_ms_min"] / rows[0]["decode_ms_min"]
-                # paired: repeat i of this skip set against repeat i of dense, run back to back
+                r["vs_dense_min"] = 1 - r["decode_ms_min"] / by["forced", 0]["decode_ms_min"]
+                # paired: repeat i of this configuration against repeat i of dense, back to back
                 r["vs_dense_paired_median"] = statistics.median(
-                    1 - a / b for a, b in zip(r["decode_ms_all_repeats"], rows[0]["decode_ms_all_repeats"]))
+                    1 - a / b for a, b in zip(r["decode_ms_all_repeats"], by["forced", 0]["decode_ms_all_repeats"]))
                 r["floor_ms"] = floor_ms if batch == 1 else None
             results["ours"].extend(rows)
             for kind, t in hf_timed.items():
@@ -266,7 +289,7 @@ def main(argv=None) -> int:
                 print(json.dumps(results["transformers"][-1]), flush=True)
             if prompt_len == max(args.prompt) and batch == 1:
                 results["prefill_half_routed"] = prefill_half_routed(
-                    model, engine_kwargs, prompts, rows[0]["prefill_ms"], rows[-1]["prefill_ms"],
+                    model, engine_kwargs, prompts, by["forced", 0]["prefill_ms"], by["forced", L]["prefill_ms"],
                     args.repeats, device)
                 print(json.dumps(results["prefill_half_routed"]), flush=True)
     out = Path(args.out)

@@ -5,10 +5,10 @@ from .checkpoint import CheckpointError, CheckpointNotFoundError
 from .config import BackboneConfig, LayerRouteConfig
 from .engine import InferenceModel
 from .flops import count_parameters, flops_report
-from .generate import GenerateOutput, generate
+from .generate import GenerateOutput, GenerationStream, generate
 from .model import LayerRouteModel, load
 
 __all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
-           "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "count_parameters",
+           "GenerationStream", "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "count_parameters",
            "flops_report", "generate", "load"]
 __version__ = "0.1.0"

@@ -102,7 +102,7 @@ def demo(args: argparse.Namespace) -> int:
         prompts = [("prompt", encode_prompts(args.prompt or DEFAULT_PROMPT, engine)[0])]
     else:
         prompts = _demo_prompts(tok)
-    eos = tok.convert_tokens_to_ids("<|im_end|>") if tok is not None else None
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if bundled else "auto"   # ChatML end of turn
     out = generate(engine, [ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
                    skip_layers=args.skip_layers, temperature=args.temperature, seed=args.seed,
                    eos_token_id=eos)
@@ -126,7 +126,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"on the generated tokens: skip rate {rate:.3f}, {report.block_skipped_pct:.1f}% of block "
               f"FLOPs and {report.total_skipped_pct:.1f}% of total forward FLOPs skipped")
     s = out.stats
-    decode = s["decode_ms_per_token"]
+    decode = s["decode_ms_per_step"]
     print(f"\nbatch of {len(prompts)}: prefill {s['prefill_ms']:.1f} ms, decode "
           f"{'n/a' if decode is None else f'{decode:.2f} ms per step'} "
           f"({args.device}, {args.dtype}, {'CUDA graph' if s['cuda_graph'] else 'eager'}, LoRA merged); over prompts and generated tokens "
@@ -174,7 +174,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
             print(f"=== {prompt!r}\n{text}")
     s = out.stats
     rates = " ".join(f"{r:.2f}" for r in s["skip_rate_per_layer"])
-    decode = s["decode_ms_per_token"]
+    decode = s["decode_ms_per_step"]
     print(f"\nskip rate per block: {rates}\n{s['block_flops_skipped_pct']:.1f}% of block FLOPs and "
           f"{s['total_flops_skipped_pct']:.1f}% of total forward FLOPs skipped; prefill "
           f"{s['prefill_ms']:.1f} ms, decode {'n/a' if decode is None else f'{decode:.2f} ms per step'} "

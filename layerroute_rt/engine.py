@@ -259,7 +259,7 @@ class InferenceModel:
             raise ValueError("prefill: the cache must be empty (call cache.reset())")
         if T > cache.max_len:
             raise ValueError(f"prefill: a prompt of {T} tokens does not fit a cache of {cache.max_len} slots")
-        nh, nkv, hd, qd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.q_dim
+        nh, hd, qd = cfg.num_attention_heads, cfg.head_dim, cfg.q_dim
         h = F.embedding(input_ids, self.embed).reshape(B * T, -1)
         valid_f = valid.reshape(-1)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -372,11 +372,13 @@ class InferenceModel:
         """One token per sequence: state.tokens in, state.logits and state.executed out; the
         cache, positions and slot advance. Every sequence of the batch is fed a token.
 
-        host_counts=False (the default on CUDA): static shapes and no host reads of device
-        values (the counts stay on the device), so that the step can be captured in a CUDA
-        graph. host_counts=True (the default elsewhere, where reading a count costs nothing):
-        each block reads its count once and runs all rows without gathering when all run,
-        nothing when none does, and the listed rows otherwise. cache.length keeps the prefill
+        A block in `skip` runs for no row and one at tau 0 for every row (known on the host).
+        Otherwise the router decides: host_counts=False (the default on CUDA): static shapes
+        and no host reads of device values (the counts stay on the device, the listed rows
+        run), so that the step can be captured in a CUDA graph. host_counts=True (the default
+        elsewhere, where reading a count costs nothing): each block reads its count once and
+        runs all rows without gathering when all run, nothing when none does, and the listed
+        rows otherwise. cache.length keeps the prefill
         length (a captured graph cannot move a Python int); state.slot is the next slot."""
         cfg, lr = self.config, self.lr_config
         B = cache.batch_size
@@ -385,20 +387,26 @@ class InferenceModel:
         h = F.embedding(state.tokens, self.embed)                            # [B, D]
         cos, sin = self._rope(state.positions)
         for i, blk in enumerate(self.blocks):
+            index = count = None
             if i in skip:
-                run, index, count = torch.zeros(B, dtype=torch.bool, device=self.device), None, None
-            elif lr.granularity == "token":
-                p, index, count = ops.route_tokens(h, blk.router_w, blk.router_b, tau)
-                run = p >= tau
+                run, rows = torch.zeros(B, dtype=torch.bool, device=self.device), "none"
+            elif tau == 0.0:                            # p >= 0 always: every row runs, no router
+                run, rows = torch.ones(B, dtype=torch.bool, device=self.device), "all"
             else:
-                index, count = state.seq_rows[i]
-                run = cache.seq_exec[i]
+                if lr.granularity == "token":
+                    p, index, count = ops.route_tokens(h, blk.router_w, blk.router_b, tau)
+                    run = p >= tau
+                else:
+                    (index, count), run = state.seq_rows[i], cache.seq_exec[i]
+                rows = "listed"
+                if host_counts:
+                    n = int(count[0])
+                    rows = "all" if n == B else "none" if n == 0 else "listed"
             state.executed[i].copy_(run)
             visible = torch.ones_like(run) if lr.kv_policy == "compute" else run
             cache.valid[i].index_copy_(1, state.slot, visible[:, None])
-            n = None if index is None or not host_counts else int(count[0])
             x = self._rms(h, blk.norm1)
-            if n == B:                                  # every row runs: one fused qkv matmul
+            if rows == "all":                           # one fused qkv matmul
                 q, kv = self._linear(x, blk.qkv_w, blk.qkv_b, blk.qkv_lora).split(
                     [cfg.q_dim, 2 * cfg.kv_dim], dim=-1)
             else:
@@ -407,11 +415,9 @@ class InferenceModel:
             k, v = self._split_kv(kv, cos, sin)
             cache.k[i].index_copy_(2, state.slot, k[:, :, None])
             cache.v[i].index_copy_(2, state.slot, v[:, :, None])
-            if index is None or n == 0:
-                continue
-            if n == B:
+            if rows == "all":
                 h = self._block_all_rows(h, q, blk, cos, sin, cache, i)
-            else:
+            elif rows == "listed":
                 self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp)
         state.logits.copy_(self.logits(h))
         state.positions += 1

@@ -3,9 +3,9 @@
 Prefill runs once per batch (engine.prefill); each decode step is engine.decode_step, which on
 CUDA is captured once per (batch, cache length, tau, skip set) in a CUDA graph and replayed, with
 greedy argmax inside the graph. The host reads tokens back only every `sync_every` steps (every
-step with stream=True or stop strings... see below) to end sequences at EOS or a stop string;
-a sequence that ended keeps being fed (its results are discarded) until the whole batch ended,
-so that nothing in the step depends on the host. On CPU the same steps run eagerly.
+step with stream=True) to end sequences at EOS or a stop string; a sequence that ended keeps
+being fed (its results are discarded) until the whole batch ended, so that nothing in the step
+depends on the host. On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ CACHE_BUCKET = 64      # cache lengths are rounded up to this, so graphs are reu
 class GenerateOutput:
     tokens: list[list[int]]              # the new tokens of each sequence (EOS / stop included)
     text: list[str] | None               # their decoded text (None without a tokenizer)
-    executed: torch.Tensor               # [L, B, prompt + new] bool: who ran which block
-    valid: torch.Tensor                  # [B, prompt + new] bool: real tokens (no padding)
+    executed: torch.Tensor               # [L, B, T + steps] bool: who ran which block, for the
+    valid: torch.Tensor                  # prompts (T, left-padded) and the tokens fed back by the
+                                         # decode steps; valid [B, T + steps]: real tokens
     stats: dict = field(default_factory=dict)
 
 
@@ -59,6 +60,12 @@ def checkpoint_tokenizer(directory):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _no_tokenizer(engine: InferenceModel) -> str:
+    if engine.tokenizer_dir is None:
+        return "the model was not loaded from a checkpoint directory (layerroute_rt.load)"
+    return f"{engine.tokenizer_dir} has none (tokenizer.json or tokenizer_config.json)"
 
 
 def load_tokenizer(engine: InferenceModel):
@@ -93,8 +100,8 @@ def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True) 
             raise ValueError(f"generate: prompt {i} is a {type(p).__name__}: expected a string, a chat "
                              "(list of {'role', 'content'} dicts) or a list of token ids")
         if tok is None:
-            raise ValueError(f"generate: text prompts need the checkpoint's tokenizer, and "
-                             f"{engine.tokenizer_dir} has none (tokenizer.json); pass token ids")
+            raise ValueError(f"generate: text prompts need the checkpoint's tokenizer: "
+                             f"{_no_tokenizer(engine)}; pass token ids")
         if is_chat or (chat_template and tok.chat_template):
             if not tok.chat_template:
                 raise ValueError(f"generate: prompt {i} is a chat, but the tokenizer in "
@@ -131,7 +138,8 @@ def _eos_ids(engine: InferenceModel, eos_token_id) -> set[int]:
         return set()
     if eos_token_id != "auto":
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(t, int) and 0 <= t < engine.config.vocab_size for t in ids):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.config.vocab_size
+                   for t in ids):
             raise ValueError(f"generate: eos_token_id must be token ids in [0, {engine.config.vocab_size}), "
                              f"got {eos_token_id!r}")
         return set(ids)
@@ -219,7 +227,7 @@ class _Runner:
         to the decode state and the cache, then capture one step."""
         st = self.state
         saved = (st.positions.clone(), st.slot.clone(), st.tokens.clone(), int(st.slot[0]))
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=self.engine.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._eager_step()
@@ -239,7 +247,7 @@ class _Runner:
         self.cache.valid[:, :, first_free:] = False
 
 
-MAX_RUNNERS = 4      # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
+MAX_RUNNERS = 8      # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
 
 
 def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
@@ -262,7 +270,7 @@ def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip
 
 # -- generate ------------------------------------------------------------------------------------
 
-def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every):
+def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, seed, stream):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0.0 \
@@ -278,6 +286,10 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every):
         raise ValueError(f"generate: stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"generate: sync_every must be an integer >= 1, got {sync_every!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"generate: seed must be None or an integer >= 0, got {seed!r}")
+    if not isinstance(stream, bool):
+        raise ValueError(f"generate: stream must be True or False, got {stream!r}")
 
 
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -298,14 +310,15 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
     every token. stream=True returns a GenerationStream (see its docstring).
 
-    Returns a GenerateOutput; its stats: prefill_ms, decode_ms_per_token (per decode step: one
-    token for each sequence of the batch), decode_steps, new_tokens, skip_rate_per_layer
+    Returns a GenerateOutput; its stats: prefill_ms, decode_ms_per_step (one token for each
+    sequence of the batch), decode_ms_per_token (per step over the batch size: the same at
+    batch 1), decode_steps, new_tokens, skip_rate_per_layer
     (fraction of the real tokens, prompt and fed-back, that skipped each block),
     block_flops_skipped_pct and total_flops_skipped_pct over those tokens, cuda_graph.
     """
     engine = model if isinstance(model, InferenceModel) else InferenceModel(_check_model(model))
     stop = [stop] if isinstance(stop, str) else stop
-    _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every)
+    _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, seed, stream)
     tau = engine.lr_config.tau if tau is None else check_tau(tau)
     skip = engine.skip_set(skip_layers)
     ids, mask = _batch(encode_prompts(prompts, engine, chat_template), engine.config.vocab_size, engine.device)
@@ -319,12 +332,10 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     eos = _eos_ids(engine, eos_token_id)
     tok = load_tokenizer(engine)
     if stop and tok is None:
-        raise ValueError(f"generate: stop strings need the checkpoint's tokenizer, and "
-                         f"{engine.tokenizer_dir} has none")
+        raise ValueError(f"generate: stop strings need the checkpoint's tokenizer: {_no_tokenizer(engine)}")
     cache_len = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, engine.max_cache_len)
-    runner = _runner(engine, B, cache_len, tau, skip)
-    steps = _generate_steps(engine, runner, ids, mask, max_new_tokens, temperature, top_k, top_p,
-                            seed, eos, stop, tok, 1 if stream else sync_every)
+    steps = _generate_steps(engine, (B, cache_len, tau, skip), ids, mask, max_new_tokens,
+                            temperature, top_k, top_p, seed, eos, stop, tok, 1 if stream else sync_every)
     if stream:
         return GenerationStream(steps)
     try:
@@ -346,10 +357,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate_steps(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p, seed,
+def _generate_steps(engine, runner_key, ids, mask, max_new, temperature, top_k, top_p, seed,
                     eos: set[int], stop, tok, sync_every):
     """The generation loop as a generator: yields each step's tokens at every host check when
-    streaming (sync_every 1) and returns the GenerateOutput. Holds the runner while it runs."""
+    streaming (sync_every 1) and returns the GenerateOutput. It takes its runner when it starts
+    running (not when a stream is made) and holds it until it ends."""
+    runner = _runner(engine, *runner_key)
     runner.busy = True
     try:
         return (yield from _loop(engine, runner, ids, mask, max_new, temperature, top_k, top_p,
@@ -371,7 +384,8 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
     nxt = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_ms = 1e3 * (time.perf_counter() - t0)
-    runner.start()                      # on CUDA the first call for a key captures the graph here
+    if max_new > 1:
+        runner.start()                  # on CUDA the first call for a key captures the graph here
     state = runner.state
 
     new = torch.empty(B, max_new, dtype=torch.long, device=device)
@@ -435,7 +449,8 @@ def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decod
     n_real = valid.sum().clamp(min=1)
     stats = {
         "prefill_ms": prefill_ms,
-        "decode_ms_per_token": decode_ms,
+        "decode_ms_per_step": decode_ms,
+        "decode_ms_per_token": None if decode_ms is None else decode_ms / B,
         "decode_steps": steps,
         "new_tokens": sum(len(t) for t in tokens),
         "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),

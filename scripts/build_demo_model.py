@@ -1,7 +1,7 @@
 """Build the bundled demo model: a small Qwen2 pretrained here on synthetic agent trajectories,
 its tokenizer, a LayerRoute adapter, and the adapter's several-seed evaluation.
 
-    python scripts/build_demo_model.py                       # ~25 min on 2 CPU cores
+    python scripts/build_demo_model.py                       # ~30 min on 2 CPU cores
     python scripts/build_demo_model.py --out /tmp/demo --tiny --seeds 0 1   # smoke test, < 1 min
 
 Stages (all seeded by --seed; CPU torch is deterministic for a fixed thread count):
@@ -158,12 +158,16 @@ def main(argv=None) -> dict:
         import transformers
         tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
         info_file = out / "build_info.json"
-        pre = json.loads(info_file.read_text())["pretrain"] if info_file.is_file() else {"steps": None}
+        earlier = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        pre = earlier.get("pretrain", {"steps": None})
+        pretrain_args = earlier.get("pretrain_args", earlier.get("args"))   # the run that pretrained
         print(f"[pretrain] reusing the backbone in {out} ({pre['steps']} steps)", flush=True)
     else:
         tok = build_tokenizer(texts, args.vocab, out)
         pre = pretrain(args, tok, texts, out)
-        (out / "build_info.json").write_text(json.dumps({"args": vars(args), "pretrain": pre}, indent=2) + "\n")
+        pretrain_args = vars(args)
+        (out / "build_info.json").write_text(json.dumps({"args": vars(args), "pretrain_args": pretrain_args,
+                                                         "pretrain": pre}, indent=2) + "\n")
     tok = type(tok).from_pretrained(out, local_files_only=True)     # exactly what ships
 
     # 4. step-typed examples (loss on the step's own tokens) and the evaluation splits.
@@ -197,7 +201,7 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         shutil.rmtree(out / "eval" / f"seed{seed}" / "checkpoint", ignore_errors=True)
 
-    info = {"args": vars(args), "pretrain": pre, "eval_seconds": round(eval_seconds, 1),
+    info = {"args": vars(args), "pretrain_args": pretrain_args, "pretrain": pre, "eval_seconds": round(eval_seconds, 1),
             "split_sizes": {name: len(ex) for name, ex in splits.items()}, "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
