@@ -71,17 +71,8 @@ def run(benchmark, monkeypatch, op: str, impl: str, rows: int, copies: list[dict
         pytest.skip(f"layerroute_rt._C has no CUDA kernel for {op}")
     if impl != "torch":
         monkeypatch.setenv("LAYERROUTE_BACKEND", impl)
-    reps = max(REPS, len(copies))
-    with torch.no_grad():
-        graph = device_limits.graphed(lambda i: call(copies[i % len(copies)]), reps)
-
-    def round_():
-        graph.replay()
-        torch.cuda.synchronize()
-
     benchmark.group = f"{op} rows={rows} D={D}"
-    benchmark.pedantic(round_, rounds=50, warmup_rounds=3)
-    seconds = benchmark.stats.stats.median / reps
+    seconds = device_limits.time_graphed(benchmark, lambda i: call(copies[i]), len(copies), REPS)
     gbs = bytes_moved / seconds / 1e9
     benchmark.extra_info.update(
         device=device_limits.device_name(),

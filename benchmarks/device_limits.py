@@ -79,3 +79,19 @@ def graphed(fn, reps: int) -> torch.cuda.CUDAGraph:
         for i in range(reps):
             fn(i)
     return graph
+
+
+def time_graphed(benchmark, call, copies: int, reps: int = 20, rounds: int = 50) -> float:
+    """Seconds per call of call(i) (i: the operand copy, i % copies), timed by pytest-benchmark
+    as replays of one CUDA graph of max(reps, copies) calls, each followed by a synchronise."""
+    reps = max(reps, copies)
+    with torch.no_grad():
+        graph = graphed(lambda i: call(i % copies), reps)
+
+    def round_():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(round_, rounds=rounds, warmup_rounds=3)
+    return benchmark.stats.stats.median / reps
+

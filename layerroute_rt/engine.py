@@ -16,12 +16,14 @@ Under kv_policy "compute" every real token still writes its K and V (the kv rows
 
 Decode (`decode_step`, static shapes, no host reads): per block, the router kernel writes the
 rows that run and their count on the device; K/V are written for every row under "compute"
-(only the rows that run become visible under "drop"); q, o_proj and the MLP are count-aware
-kernels (ops.lora_linear with a row list) that read no weights when the count is 0; attention
-reads the cache in place. The residual gets the block's output with one scatter-add.
+(only the rows that run become visible under "drop"); q, attention, o_proj and the MLP are
+count-aware kernels (ops.lora_linear with a row list, ops.decode_attention) that read no weights
+and no K/V when the count is 0, and attention reads only the filled slots of the cache. The
+residual gets the block's output by scatter-adds.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,7 @@ class DecodeState:
     logits: torch.Tensor        # [B, vocab] float32: the step's output
     executed: torch.Tensor      # [L, B] bool: who ran which block in this step
     ramp: torch.Tensor          # [B] int32: 0..B-1, the row list of gathered space
+    all_rows: torch.Tensor      # [1] int32: B, the count when every row runs
     seq_rows: list | None       # sequence granularity: per block (index, count) fixed at prefill
 
 
@@ -154,6 +157,7 @@ class InferenceModel:
         self.head = model.head_weight()
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.eps = cfg.rms_norm_eps
+        self.attn_scale = 1.0 / math.sqrt(cfg.head_dim)
         self.scale = model.lr_config.scale
         hd = cfg.head_dim
         self.inv_freq = 1.0 / cfg.rope_theta ** (
@@ -316,38 +320,40 @@ class InferenceModel:
 
     # -- decode ---------------------------------------------------------------------------------
 
-    def _attend_cache(self, q: torch.Tensor, cache: KVCache, i: int) -> torch.Tensor:
-        """q [B, q_dim] (one query per sequence) against layer i's cache -> [B, q_dim]."""
+    def _attend_cache(self, q, cache: KVCache, i: int, index, count, length) -> torch.Tensor:
+        """q [M, q_dim] (RoPE applied; row j < count is sequence index[j]) against layer i's
+        cache slots below `length` -> [M, q_dim]; count-aware, no host reads."""
         cfg = self.config
-        B = q.shape[0]
-        o = _gqa_attention(q.view(B, 1, cfg.num_attention_heads, cfg.head_dim), cache.k[i],
-                           cache.v[i], cache.valid[i][:, None, :])
-        return o.reshape(B, cfg.q_dim)
+        M = q.shape[0]
+        o = ops.decode_attention(q.reshape(M, cfg.num_attention_heads, cfg.head_dim).contiguous(),
+                                 cache.k[i], cache.v[i], cache.valid[i], index, count, length,
+                                 self.attn_scale)
+        return o.reshape(M, cfg.q_dim)
 
-    def _block_all_rows(self, h, q, blk: FusedBlock, cos, sin, cache: KVCache, i: int):
+    def _block_all_rows(self, h, q, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
+                        state: DecodeState, length):
         """Block i on every row of h [B, D], given their q [B, q_dim] (before RoPE)."""
         cfg = self.config
         q = apply_rope(q.reshape(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        mid = h + self._linear(self._attend_cache(q.reshape(-1, cfg.q_dim), cache, i), blk.o_w,
-                               None, blk.o_lora)
+        o = self._attend_cache(q, cache, i, state.ramp, state.all_rows, length)
+        mid = h + self._linear(o, blk.o_w, None, blk.o_lora)
         return mid + self._mlp(self._rms(mid, blk.norm2), blk)
 
     def _block_listed_rows(self, h, x, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
-                           index, count, ramp) -> None:
+                           index, count, ramp, length) -> None:
         """Block i on the rows index[:count] of h [B, D] (x: their input norm), in place, with
         count-aware kernels and no host reads. Gathered space: row j < count is sequence
         index[j]; its rows past the count hold garbage that is never scattered back."""
         cfg = self.config
-        B, nh, hd, qd = h.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.q_dim
+        B, nh, hd = h.shape[0], cfg.num_attention_heads, cfg.head_dim
         hg = torch.empty_like(h)
         ops.gather_rows(h, index, count, hg)
         w, b, lora = self._q_rows(blk)
         q = self._linear(x, w, b, lora, index, count)
         safe = index.clamp(min=0).long()
-        q = apply_rope(q.view(B, nh, hd), cos[safe], sin[safe]).reshape(B, qd)
-        q_full = torch.zeros(B, qd, dtype=h.dtype, device=h.device)
-        ops.scatter_add_rows(q_full, q.contiguous(), index, count)
-        a = self._linear(self._attend_cache(q_full, cache, i), blk.o_w, None, blk.o_lora, index, count)
+        q = apply_rope(q.view(B, nh, hd), cos[safe], sin[safe])
+        o = self._attend_cache(q, cache, i, index, count, length)
+        a = self._linear(o, blk.o_w, None, blk.o_lora, ramp, count)
         xn = ops.add_rmsnorm(hg, a, blk.norm2, self.eps, count)            # hg += a
         ops.scatter_add_rows(h, a, index, count)        # two adds, rounded as the reference
         ops.scatter_add_rows(h, self._mlp(xn, blk, ramp, count), index, count)  # rounds them
@@ -364,7 +370,8 @@ class InferenceModel:
             slot=torch.full((1,), cache.length, dtype=torch.long, device=self.device),
             logits=torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=self.device),
             executed=torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=self.device),
-            ramp=self._ramp(B), seq_rows=seq_rows)
+            ramp=self._ramp(B), all_rows=torch.full((1,), B, dtype=torch.int32, device=self.device),
+            seq_rows=seq_rows)
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, cache: KVCache, tau: float,
@@ -386,6 +393,7 @@ class InferenceModel:
             host_counts = self.device.type != "cuda"
         h = F.embedding(state.tokens, self.embed)                            # [B, D]
         cos, sin = self._rope(state.positions)
+        length = state.slot + 1                         # the filled cache slots, this one included
         for i, blk in enumerate(self.blocks):
             index = count = None
             if i in skip:
@@ -416,9 +424,9 @@ class InferenceModel:
             cache.k[i].index_copy_(2, state.slot, k[:, :, None])
             cache.v[i].index_copy_(2, state.slot, v[:, :, None])
             if rows == "all":
-                h = self._block_all_rows(h, q, blk, cos, sin, cache, i)
+                h = self._block_all_rows(h, q, blk, cos, sin, cache, i, state, length)
             elif rows == "listed":
-                self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp)
+                self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp, length)
         state.logits.copy_(self.logits(h))
         state.positions += 1
         state.slot += 1

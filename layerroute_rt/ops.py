@@ -765,3 +765,101 @@ def route_sequences(
         tau = _check_router("route_sequences", h, weight, bias, tau, valid, "B, T, D")
         return _router_triton.RouteSequences.apply(h, weight, bias, tau, valid)
     return route_sequences_ref(h, weight, bias, tau, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention over listed rows (DESIGN.md section 4): one query token per row, each row a
+# sequence of the KV cache; count and length stay on the device. Triton kernel in
+# python_kernels/decode_attention.py.
+
+try:
+    from python_kernels import decode_attention as _decode_attention_triton
+
+    _TRITON_KERNELS.add("decode_attention")
+except ImportError:  # no Triton: the reference runs
+    _decode_attention_triton = None
+
+
+def _check_decode_attention(q, k, v, valid, index, count, length, scale, out) -> None:
+    op = "decode_attention"
+    if q.dtype not in _ROW_DTYPES:
+        raise TypeError(f"{op}: `q` must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 3 or k.dim() != 4:
+        raise ValueError(f"{op}: `q` must be [M, H, D] and `k` [B, HKV, S, D], got shapes "
+                         f"{list(q.shape)} and {list(k.shape)}")
+    M, H, D = q.shape
+    B, HKV, S, Dk = k.shape
+    if Dk != D or H % HKV:
+        raise ValueError(f"{op}: `k` [B, HKV, S, D] = {list(k.shape)} must have D = {D} (from `q`) "
+                         f"and HKV dividing H = {H}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: `v` must have the shape of `k` {list(k.shape)}, got {list(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: `{name}` must have the dtype of `q` ({q.dtype}), got {t.dtype}")
+    if valid.dtype != torch.bool or valid.shape != (B, S):
+        raise ValueError(f"{op}: `valid` must be bool [B, S] = [{B}, {S}], got {valid.dtype} "
+                         f"{list(valid.shape)}")
+    if index.dtype != torch.int32 or index.shape != (M,):
+        raise ValueError(f"{op}: `index` must be int32 [M] = [{M}], got {index.dtype} {list(index.shape)}")
+    if count.dtype != torch.int32 or count.shape != (1,):
+        raise ValueError(f"{op}: `count` must be int32 [1], got {count.dtype} {list(count.shape)}")
+    if length.dtype not in (torch.int32, torch.int64) or length.shape != (1,):
+        raise ValueError(f"{op}: `length` must be int32 or int64 [1], got {length.dtype} {list(length.shape)}")
+    if not scale > 0:
+        raise ValueError(f"{op}: `scale` must be > 0, got {scale!r}")
+    tensors = [("q", q), ("k", k), ("v", v), ("valid", valid), ("index", index), ("count", count),
+               ("length", length)] + ([("out", out)] if out is not None else [])
+    for name, t in tensors:
+        _check_device(op, t, name, q, "q")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: `{name}` must be contiguous")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"{op}: `out` must be {q.dtype} {list(q.shape)}, got {out.dtype} {list(out.shape)}")
+
+
+def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) -> torch.Tensor:
+    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+    rows = _live_rows("decode_attention", index, count, k.shape[0], unique=False)
+    n_keys = min(int(length[0]), k.shape[2])
+    y = torch.empty_like(q) if out is None else out
+    n = rows.numel()
+    if n == 0:
+        return y
+    G = q.shape[1] // k.shape[1]
+    kk = k[rows, :, :n_keys].float().repeat_interleave(G, dim=1)          # [n, H, L, D]
+    vv = v[rows, :, :n_keys].float().repeat_interleave(G, dim=1)
+    scores = torch.einsum("nhd,nhsd->nhs", q[:n].float(), kk) * scale
+    seen = valid[rows, :n_keys][:, None, :]
+    p = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+    p = torch.where(seen.any(-1, keepdim=True), p, 0.0)                    # no visible key: zeros
+    y[:n] = torch.einsum("nhs,nhsd->nhd", p, vv).to(q.dtype)
+    return y
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    length: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped-query attention of one query per listed row against its sequence's cache.
+
+    q [M, H, D] in gathered space (row i < count is sequence index[i]); k, v [B, HKV, S, D] and
+    valid bool [B, S] (a KVCache layer); index int32 [M], count int32 [1]; length int [1]: only
+    slots s < length are read (the filled part of the cache). Returns out [M, H, D] (q's dtype)
+    with, for i < count, out[i, h] = softmax over the visible slots s of
+    scale * q[i, h] . k[index[i], h // (H / HKV), s], applied to v; zeros where no slot is
+    visible; rows from count on are not written. Inference only.
+    """
+    if backend("decode_attention", q.device) == "triton":
+        _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+        return _decode_attention_triton.decode_attention(
+            q, k, v, valid, index, count, length, float(scale),
+            torch.empty_like(q) if out is None else out)
+    return decode_attention_ref(q, k, v, valid, index, count, length, scale, out)

@@ -1,0 +1,113 @@
+"""ops.decode_attention: the torch reference against scaled_dot_product_attention row by row, and
+the Triton kernel against the reference (under the interpreter on CPU: float32 and float16; on
+CUDA also bfloat16), on odd sizes, 0, 1 and all rows live, slots past the length never read."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerroute_rt import ops
+
+TRITON = pytest.mark.skipif("decode_attention" not in ops._TRITON_KERNELS, reason="Triton is not importable")
+CPU_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if CPU_INTERPRETER else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+# (B sequences, HKV, S slots, D, H, M rows)
+SHAPES = [(3, 2, 70, 64, 14, 3), (1, 1, 5, 32, 1, 1), (4, 2, 130, 48, 4, 6), (2, 4, 64, 16, 28, 2)]
+
+
+def case(B, HKV, S, D, H, M, count, length, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, H, D, generator=g).to(dtype)
+    k = torch.randn(B, HKV, S, D, generator=g).to(dtype)
+    v = torch.randn(B, HKV, S, D, generator=g).to(dtype)
+    k[:, :, length:] = float("nan")                        # past the length: never read
+    v[:, :, length:] = float("nan")
+    valid = torch.rand(B, S, generator=g) > 0.3
+    valid[:, 0] = True
+    index = torch.randint(0, B, (M,), generator=g, dtype=torch.int32)
+    to = dict(device=device)
+    return (q.to(**to), k.to(**to), v.to(**to), valid.to(**to), index.to(**to),
+            torch.tensor([count], dtype=torch.int32, **to), torch.tensor([length], **to))
+
+
+def sdpa_oracle(q, k, v, valid, index, count, length):
+    """Each live row through scaled_dot_product_attention with K/V repeated per query head."""
+    out = []
+    n_keys = int(length[0])
+    G = q.shape[1] // k.shape[1]
+    for i in range(int(count[0])):
+        b = int(index[i])
+        kk = k[b, :, :n_keys].float().repeat_interleave(G, dim=0)
+        vv = v[b, :, :n_keys].float().repeat_interleave(G, dim=0)
+        o = F.scaled_dot_product_attention(q[i].float()[:, None], kk, vv,
+                                           attn_mask=valid[b, :n_keys][None, None])
+        out.append(o[:, 0])
+    return torch.stack(out) if out else q.new_zeros(0, *q.shape[1:]).float()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("live", ["none", "one", "all"])
+def test_reference_equals_sdpa(shape, live):
+    B, HKV, S, D, H, M = shape
+    count = {"none": 0, "one": 1, "all": M}[live]
+    args = case(B, HKV, S, D, H, M, count, S - 3, torch.float32, "cpu")
+    out = ops.decode_attention_ref(*args, scale=1 / math.sqrt(D))
+    torch.testing.assert_close(out[:count].float(), sdpa_oracle(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_row_without_visible_keys_is_zero():
+    q, k, v, valid, index, count, length = case(3, 1, 8, 16, 2, 2, 2, 8, torch.float32, "cpu")
+    index.copy_(torch.tensor([1, 2], dtype=torch.int32))
+    valid[1] = False
+    out = ops.decode_attention_ref(q, k, v, valid, index, count, length, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].abs().sum() > 0
+
+
+@TRITON
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("live", ["none", "one", "all"])
+def test_triton_equals_reference(monkeypatch, device, dtype, shape, live):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the CPU interpreter's tl.dot is wrong on bfloat16 operands")
+    B, HKV, S, D, H, M = shape
+    count = {"none": 0, "one": 1, "all": M}[live]
+    args = case(B, HKV, S, D, H, M, count, S - 3, dtype, device, seed=1)
+    ref = ops.decode_attention_ref(*args, scale=1 / math.sqrt(D))
+    sentinel = torch.full_like(args[0], 7.0)
+    monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
+    out = ops.decode_attention(*args, scale=1 / math.sqrt(D), out=sentinel)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[:count].float(), ref[:count].float(), **tol)
+    assert torch.all(out[count:] == 7.0)                  # rows past the count: not written
+
+
+@TRITON
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_row_without_visible_keys_is_zero(monkeypatch, device):
+    q, k, v, valid, index, count, length = case(3, 2, 40, 32, 4, 2, 2, 40, torch.float32, device)
+    index.copy_(torch.tensor([1, 2], dtype=torch.int32))
+    valid[1] = False
+    monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
+    out = ops.decode_attention(q, k, v, valid, index, count, length, 0.2)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(valid=torch.ones(3, 70, dtype=torch.uint8)), "`valid` must be bool"),
+    (dict(index=torch.zeros(3, dtype=torch.int64)), "`index` must be int32"),
+    (dict(count=torch.tensor([1, 2], dtype=torch.int32)), r"`count` must be int32 \[1\]"),
+    (dict(length=torch.tensor([1.0])), "`length` must be int32 or int64"),
+    (dict(k=torch.zeros(3, 3, 70, 64)), "HKV dividing H = 14"),
+    (dict(v=torch.zeros(3, 2, 71, 64)), "`v` must have the shape of `k`"),
+    (dict(scale=0.0), "`scale` must be > 0"),
+])
+def test_errors(bad, match):
+    q, k, v, valid, index, count, length = case(3, 2, 70, 64, 14, 3, 3, 70, torch.float32, "cpu")
+    args = dict(q=q, k=k, v=v, valid=valid, index=index, count=count, length=length, scale=0.1) | bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.decode_attention(**args)
