@@ -826,14 +826,19 @@ def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) 
     n = rows.numel()
     if n == 0:
         return y
-    G = q.shape[1] // k.shape[1]
-    kk = k[rows, :, :n_keys].float().repeat_interleave(G, dim=1)          # [n, H, L, D]
-    vv = v[rows, :, :n_keys].float().repeat_interleave(G, dim=1)
-    scores = torch.einsum("nhd,nhsd->nhs", q[:n].float(), kk) * scale
-    seen = valid[rows, :n_keys][:, None, :]
+    B, HKV = k.shape[:2]
+    G = q.shape[1] // HKV
+    # The G query heads of a KV head side by side against its keys: no copy of K/V per head.
+    qq = q[:n].view(n, HKV, G, -1).to(torch.float32)
+    if n == B and bool((rows == torch.arange(B, device=rows.device)).all()):
+        kk, vv, seen = k[:, :, :n_keys], v[:, :, :n_keys], valid[:, :n_keys]
+    else:
+        kk, vv, seen = k[rows, :, :n_keys], v[rows, :, :n_keys], valid[rows, :n_keys]
+    scores = qq @ kk.to(torch.float32).transpose(-1, -2) * scale              # [n, HKV, G, L]
+    seen = seen[:, None, None, :]
     p = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
     p = torch.where(seen.any(-1, keepdim=True), p, 0.0)                    # no visible key: zeros
-    y[:n] = torch.einsum("nhs,nhsd->nhd", p, vv).to(q.dtype)
+    y[:n] = (p @ vv.to(torch.float32)).reshape(n, -1, q.shape[2]).to(q.dtype)
     return y
 
 
