@@ -8,46 +8,59 @@ lies past the count exits before loading anything, and no slot past the length i
 block whose rows all skipped reads no K/V and the host never reads either value (the decode
 step can be captured in a CUDA graph). A row with no visible key gets zeros.
 
-One program per (row, KV head) holds the G query heads of that KV head (padded to 16, tl.dot's
-minimum) and walks the cache in BLOCK_S slots with an online softmax in float32 (as in
-FlashAttention / flash-decoding), so each K/V slot is read once for the G heads that share it.
+Split over the slots, as flash-decoding does: at batch 1 there are only (rows x KV heads) = 2
+(row, head) pairs, far too few programs to fill a GPU, so the cache's S slots are cut into
+`splits` ranges of whole BLOCK_S blocks, one program per (row, KV head, range); each keeps an
+online softmax in float32 for the G query heads of its KV head (padded to 16, tl.dot's minimum)
+and writes its partial max, sum and weighted values; a second kernel merges the ranges that lie
+below the length. The number of ranges depends only on the static shapes (a captured graph
+keeps it), chosen so that the programs cover the GPU's multiprocessors twice over.
+
 Layouts: q, out [M, H, D]; k, v [B, HKV, S, D] (the KVCache layer slice); valid [B, S].
 Arguments are checked by layerroute_rt.ops.decode_attention.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_S = 64
+CPU_PROGRAMS = 16          # the target where there is no GPU (the interpreter): several ranges
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, index_ptr, count_ptr, length_ptr,
-                             out_ptr, S, scale,
-                             H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                             IEEE: tl.constexpr):
+def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, index_ptr, count_ptr, length_ptr,
+                    m_ptr, l_ptr, acc_ptr, S, scale, SPLIT_LEN,
+                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     if row >= tl.load(count_ptr):
         return
-    b = tl.load(index_ptr + row).to(tl.int64)
     n_keys = tl.minimum(tl.load(length_ptr).to(tl.int32), S)
+    first = split * SPLIT_LEN
+    if first >= n_keys:                     # past the filled slots: the merge skips this range
+        return
+    last = tl.minimum(first + SPLIT_LEN, n_keys)
+    b = tl.load(index_ptr + row).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     head_ok = g < G
     dim_ok = d < D
-    q_rows = (row.to(tl.int64) * H + kv_head * G + g)[:, None] * D + d[None, :]
-    q = tl.load(q_ptr + q_rows, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+    q_at = (row.to(tl.int64) * H + kv_head * G + g)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_at, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
     kv_base = (b * HKV + kv_head) * S * D
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)        # finite: a fully masked block is safe
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, n_keys, BLOCK_S):
+    for start in range(first, last, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
-        s_ok = s < n_keys
+        s_ok = s < last
         visible = tl.load(valid_ptr + b * S + s, mask=s_ok, other=0) != 0
         at = kv_base + s.to(tl.int64)[:, None] * D + d[None, :]
         kv_ok = s_ok[:, None] & dim_ok[None, :]
@@ -63,25 +76,79 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, index_ptr, count_pt
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + at, mask=kv_ok, other=0.0)
         if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = tl.dot(p, v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-    tl.store(out_ptr + q_rows, out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None] & dim_ok[None, :])
+    part = (row.to(tl.int64) * HKV + kv_head) * SPLITS + split
+    tl.store(m_ptr + part * BLOCK_G + g, m_i)
+    tl.store(l_ptr + part * BLOCK_G + g, l_i)
+    tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, count_ptr, length_ptr, out_ptr, S, SPLIT_LEN,
+                  H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if row >= tl.load(count_ptr):
+        return
+    n_keys = tl.minimum(tl.load(length_ptr).to(tl.int32), S)
+    used = tl.cdiv(n_keys, SPLIT_LEN)                     # the ranges the partial kernel wrote
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    base = (row.to(tl.int64) * HKV + kv_head) * SPLITS
+    for split in range(0, used):
+        part = base + split
+        m_s = tl.load(m_ptr + part * BLOCK_G + g)
+        m_new = tl.maximum(m, m_s)
+        alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
+        l = l * alpha + tl.load(l_ptr + part * BLOCK_G + g) * beta
+        acc = acc * alpha[:, None] + beta[:, None] * tl.load(
+            acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :])
+        m = m_new
+    out = tl.where(l[:, None] > 0, acc / tl.maximum(l, 1e-30)[:, None], 0.0)
+    out_at = (row.to(tl.int64) * H + kv_head * G + g)[:, None] * D + d[None, :]
+    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty),
+             mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_PROGRAMS // 2
+
+
+def split_count(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
+    """Slot ranges per (row, KV head): enough programs for twice the multiprocessors, each range
+    at least one BLOCK_S block."""
+    blocks = triton.cdiv(max(slots, 1), BLOCK_S)
+    wanted = triton.cdiv(2 * _multiprocessors(device), rows * kv_heads)
+    return max(1, min(blocks, wanted))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                      index: torch.Tensor, count: torch.Tensor, length: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> torch.Tensor:
+                     out: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     M, H, D = q.shape
     _, HKV, S, _ = k.shape
     G = H // HKV
-    _decode_attention_kernel[(M, HKV)](
-        q, k, v, valid.view(torch.uint8), index, count, length, out, S, scale,
-        H=H, HKV=HKV, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=BLOCK_S,
-        IEEE=q.dtype == torch.float32, num_warps=4)
+    splits = splits or split_count(M, HKV, S, q.device)
+    split_len = triton.cdiv(triton.cdiv(S, splits), BLOCK_S) * BLOCK_S   # whole blocks a range
+    splits = triton.cdiv(S, split_len)
+    block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+    m = torch.empty(M, HKV, splits, block_g, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(M, HKV, splits, block_g, block_d, dtype=torch.float32, device=q.device)
+    shapes = dict(H=H, HKV=HKV, G=G, D=D, SPLITS=splits, BLOCK_G=block_g, BLOCK_D=block_d)
+    _partial_kernel[(M, HKV, splits)](
+        q, k, v, valid.view(torch.uint8), index, count, length, m, l, acc, S, scale, split_len,
+        BLOCK_S=BLOCK_S, IEEE=q.dtype == torch.float32, num_warps=4, **shapes)
+    _merge_kernel[(M, HKV)](m, l, acc, count, length, out, S, split_len, num_warps=4, **shapes)
     return out

@@ -111,3 +111,18 @@ def test_errors(bad, match):
     args = dict(q=q, k=k, v=v, valid=valid, index=index, count=count, length=length, scale=0.1) | bad
     with pytest.raises((ValueError, TypeError), match=match):
         ops.decode_attention(**args)
+
+
+@TRITON
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 2, 3, 100])
+@pytest.mark.parametrize("length", [1, 64, 65, 200])
+def test_triton_slot_ranges_merge(device, splits, length):
+    """The cache cut into 1, 2, 3 or as many ranges as blocks (flash-decoding), with the filled
+    length inside a range, on a range boundary, or a single slot: the merge equals the reference."""
+    from python_kernels import decode_attention as kernel
+
+    args = case(2, 2, 200, 64, 14, 2, 2, length, torch.float32, device, seed=splits)
+    ref = ops.decode_attention_ref(*args, scale=0.125)
+    out = kernel.decode_attention(*args, scale=0.125, out=torch.empty_like(args[0]), splits=splits)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
