@@ -6,7 +6,7 @@ dim 64), bf16, one query token per sequence:
 
 Batch 1, 8, 32; a cache of 2,304 slots (prompt 2048 + 256 new) of which 384 or 2,304 are filled
 (length); all, half or none of the rows live (count). The kernel reads K/V only for the live rows
-and only below the length; the torch version (what a dense decode step does: the query heads of
+and only below the length, split over slot ranges so that batch 1 fills the GPU; the torch version (what a dense decode step does: the query heads of
 a KV head folded into the query length, a boolean mask over the whole cache) reads every row's
 whole cache. A round replays a CUDA graph of calls; operands rotate through enough copies to be
 read cold (device_limits.cold_copies).
@@ -63,6 +63,8 @@ def test_decode_attention(benchmark, monkeypatch, impl, batch, length, live):
     n_live = {"all": batch, "half": batch // 2, "none": 0}[live]
     if impl == "torch" and live != "all":
         pytest.skip("torch runs every row whatever the count")
+    if live == "half" and batch == 1:
+        pytest.skip("half of one row is the `none` case")
     copies = operands(batch, length, n_live)
     if impl == "triton":
         monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")

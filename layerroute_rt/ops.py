@@ -835,10 +835,11 @@ def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) 
     else:
         kk, vv, seen = k[rows, :, :n_keys], v[rows, :, :n_keys], valid[rows, :n_keys]
     scores = qq @ kk.to(torch.float32).transpose(-1, -2) * scale              # [n, HKV, G, L]
+    vv = vv.to(torch.float32).masked_fill(~seen[:, None, :, None], 0.0)   # invisible: no 0 x NaN
     seen = seen[:, None, None, :]
     p = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
     p = torch.where(seen.any(-1, keepdim=True), p, 0.0)                    # no visible key: zeros
-    y[:n] = (p @ vv.to(torch.float32)).reshape(n, -1, q.shape[2]).to(q.dtype)
+    y[:n] = (p @ vv).reshape(n, -1, q.shape[2]).to(q.dtype)
     return y
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 BLOCK_S = 64
+MIN_RANGE = 2 * BLOCK_S    # slots a range holds at least: its partials cost G x D floats
 CPU_PROGRAMS = 16          # the target where there is no GPU (the interpreter): several ranges
 
 
@@ -74,17 +75,18 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, index_ptr, count_ptr, length
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + at, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + at, mask=kv_ok & visible[:, None], other=0.0)   # 0 x NaN is NaN
         if IEEE:
             pv = tl.dot(p, v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    part = (row.to(tl.int64) * HKV + kv_head) * SPLITS + split
-    tl.store(m_ptr + part * BLOCK_G + g, m_i)
-    tl.store(l_ptr + part * BLOCK_G + g, l_i)
-    tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
+    part = (row.to(tl.int64) * HKV + kv_head) * SPLITS + split        # only the G real heads
+    tl.store(m_ptr + part * G + g, m_i, mask=head_ok)
+    tl.store(l_ptr + part * G + g, l_i, mask=head_ok)
+    tl.store(acc_ptr + (part * G + g)[:, None] * D + d[None, :], acc,
+             mask=head_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
@@ -99,23 +101,24 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, count_ptr, length_ptr, out_ptr, S, SPLI
     used = tl.cdiv(n_keys, SPLIT_LEN)                     # the ranges the partial kernel wrote
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
+    head_ok = g < G
+    ok = head_ok[:, None] & (d < D)[None, :]
     m = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     base = (row.to(tl.int64) * HKV + kv_head) * SPLITS
     for split in range(0, used):
         part = base + split
-        m_s = tl.load(m_ptr + part * BLOCK_G + g)
+        m_s = tl.load(m_ptr + part * G + g, mask=head_ok, other=-1.0e30)
         m_new = tl.maximum(m, m_s)
         alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
-        l = l * alpha + tl.load(l_ptr + part * BLOCK_G + g) * beta
+        l = l * alpha + tl.load(l_ptr + part * G + g, mask=head_ok, other=0.0) * beta
         acc = acc * alpha[:, None] + beta[:, None] * tl.load(
-            acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :])
+            acc_ptr + (part * G + g)[:, None] * D + d[None, :], mask=ok, other=0.0)
         m = m_new
     out = tl.where(l[:, None] > 0, acc / tl.maximum(l, 1e-30)[:, None], 0.0)
     out_at = (row.to(tl.int64) * H + kv_head * G + g)[:, None] * D + d[None, :]
-    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty),
-             mask=(g < G)[:, None] & (d < D)[None, :])
+    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.cache
@@ -127,8 +130,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 def split_count(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """Slot ranges per (row, KV head): enough programs for twice the multiprocessors, each range
-    at least one BLOCK_S block."""
-    blocks = triton.cdiv(max(slots, 1), BLOCK_S)
+    at least MIN_RANGE slots."""
+    blocks = triton.cdiv(max(slots, 1), MIN_RANGE)
     wanted = triton.cdiv(2 * _multiprocessors(device), rows * kv_heads)
     return max(1, min(blocks, wanted))
 
@@ -143,9 +146,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     split_len = triton.cdiv(triton.cdiv(S, splits), BLOCK_S) * BLOCK_S   # whole blocks a range
     splits = triton.cdiv(S, split_len)
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
-    m = torch.empty(M, HKV, splits, block_g, dtype=torch.float32, device=q.device)
+    m = torch.empty(M, HKV, splits, G, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    acc = torch.empty(M, HKV, splits, block_g, block_d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(M, HKV, splits, G, D, dtype=torch.float32, device=q.device)
     shapes = dict(H=H, HKV=HKV, G=G, D=D, SPLITS=splits, BLOCK_G=block_g, BLOCK_D=block_d)
     _partial_kernel[(M, HKV, splits)](
         q, k, v, valid.view(torch.uint8), index, count, length, m, l, acc, S, scale, split_len,
