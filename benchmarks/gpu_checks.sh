@@ -2,19 +2,29 @@
 # Everything that needs a GPU, in one run (for the device tool, or any CUDA machine whose python
 # already has torch, triton and transformers): build the extension with its CUDA kernels, run the
 # GPU tests, the op microbenchmarks and the end-to-end benchmarks. Results land in $OUT
-# (default benchmarks/results): JSON and PNG per benchmark, the pytest logs, and env.txt naming
-# the device and the commit.
+# (default benchmarks/results): JSON and PNG per benchmark, the logs, and env.txt naming the
+# device and the commit. Failures are gathered, not stopped at: a GPU run is rare.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]
 #
-# "quick" trims the end-to-end benchmarks (batch 1 and 8, prompt 128, 64 new tokens, fewer
-# train steps) to fit a short device lease.
+# "quick" fits a lease of about 10 minutes, most important first, each stage under a time limit:
+# the GPU tests of the decode path and the kernels, the end-to-end decode benchmark (batch 1 and
+# 8, prompt 128, 64 new tokens, 3 repeats, transformers baselines), a short training benchmark,
+# and the decode-attention and LoRA-linear microbenchmarks. Without "quick": everything, in full.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 status=0
-run() { echo "+ $*"; "$@" || status=1; }
+
+# stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, show its tail.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    echo "+ [$name, at most ${limit}s] $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || { echo "  $name: exit $?"; status=1; }
+    tail -15 "$OUT/$name.log"
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git)"
@@ -22,21 +32,23 @@ run() { echo "+ $*"; "$@" || status=1; }
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-run pip install -e . --no-build-isolation --no-deps -q
+stage install 400 pip install -e . --no-build-isolation --no-deps
 export LAYERROUTE_REQUIRE_EXT=1
-# Every GPU test (the CPU-only ones skip there), all failures gathered: a GPU run is rare.
-python -m pytest tests -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1 || status=1
-tail -25 "$OUT/pytest_gpu.log"
-python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/microbenchmarks.json" > "$OUT/microbenchmarks.log" 2>&1 || status=1
-tail -40 "$OUT/microbenchmarks.log"
-
 if [[ "${1:-}" == "quick" ]]; then
-    run python benchmarks/bench_generate.py --batch 1 8 --prompt 128 --new-tokens 64 --repeats 3 \
-        --baselines --out "$OUT"
-    run python benchmarks/bench_train.py --steps 8 --warmup 2 --out "$OUT"
+    stage pytest_gpu 240 python -m pytest -q -p no:cacheprovider tests/test_generate.py \
+        tests/test_decode_attention.py tests/test_ext_ops.py tests/test_rows.py tests/test_router.py \
+        tests/test_lora_linear.py
+    stage bench_generate 240 python benchmarks/bench_generate.py --batch 1 8 --prompt 128 \
+        --new-tokens 64 --repeats 3 --baselines --out "$OUT"
+    stage bench_train 120 python benchmarks/bench_train.py --steps 8 --warmup 2 --out "$OUT"
+    stage microbenchmarks 120 python -m pytest -q -p no:cacheprovider --benchmark-only \
+        benchmarks/benchmark_decode_attention.py benchmarks/benchmark_lora_linear.py \
+        --benchmark-json="$OUT/microbenchmarks.json"
 else
-    run python benchmarks/bench_generate.py --baselines --out "$OUT"
-    run python benchmarks/bench_train.py --out "$OUT"
+    stage pytest_gpu 1800 python -m pytest tests -q -p no:cacheprovider
+    stage microbenchmarks 1800 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$OUT/microbenchmarks.json"
+    stage bench_generate 3600 python benchmarks/bench_generate.py --baselines --out "$OUT"
+    stage bench_train 1800 python benchmarks/bench_train.py --out "$OUT"
 fi
 exit $status
