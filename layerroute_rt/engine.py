@@ -135,10 +135,13 @@ class InferenceModel:
     max_cache_len: the longest prompt + new tokens a cache may hold (default: the model's
     max_position_embeddings).
     use_cuda_graphs: on CUDA, capture the decode step in a CUDA graph (generate()).
+    host_counts: how decode_step learns which rows run (see there); None: read on the host
+    except on CUDA. False on CPU runs CUDA's device-count path through the CPU ops.
     """
 
     def __init__(self, model: LayerRouteModel, merge: bool = True, max_cache_len: int | None = None,
-                 use_cuda_graphs: bool = True, _base: "InferenceModel | None" = None):
+                 use_cuda_graphs: bool = True, host_counts: bool | None = None,
+                 _base: "InferenceModel | None" = None):
         if not isinstance(model, LayerRouteModel):
             raise TypeError(f"InferenceModel: expected a LayerRouteModel, got {type(model).__name__}")
         cfg = model.config
@@ -164,6 +167,7 @@ class InferenceModel:
             torch.arange(0, hd, 2, device=self.device, dtype=torch.int64).float() / hd)
         self.tokenizer_dir = getattr(model, "source_dir", None)
         self.use_cuda_graphs = use_cuda_graphs
+        self.host_counts = self.device.type != "cuda" if host_counts is None else host_counts
 
     def skip_set(self, skip_layers) -> frozenset[int]:
         """skip_layers checked: block indices in [0, layers)."""
@@ -187,7 +191,8 @@ class InferenceModel:
             model.load_adapter(Path(adapter_dir))
             model.lr_config = stored               # its tau, granularity and kv_policy
             return InferenceModel(model, merge=False, max_cache_len=self.max_cache_len,
-                                  use_cuda_graphs=self.use_cuda_graphs, _base=self)
+                                  use_cuda_graphs=self.use_cuda_graphs,
+                                  host_counts=self.host_counts, _base=self)
         finally:
             model.lr_config = own
             with torch.no_grad():
@@ -380,7 +385,8 @@ class InferenceModel:
         cache, positions and slot advance. Every sequence of the batch is fed a token.
 
         A block in `skip` runs for no row and one at tau 0 for every row (known on the host).
-        Otherwise the router decides: host_counts=False (the default on CUDA): static shapes
+        Otherwise the router decides (host_counts None: the engine's): host_counts=False (the
+        default on CUDA): static shapes
         and no host reads of device values (the counts stay on the device, the listed rows
         run), so that the step can be captured in a CUDA graph. host_counts=True (the default
         elsewhere, where reading a count costs nothing): each block reads its count once and
@@ -390,7 +396,7 @@ class InferenceModel:
         cfg, lr = self.config, self.lr_config
         B = cache.batch_size
         if host_counts is None:
-            host_counts = self.device.type != "cuda"
+            host_counts = self.host_counts
         h = F.embedding(state.tokens, self.embed)                            # [B, D]
         cos, sin = self._rope(state.positions)
         length = state.slot + 1                         # the filled cache slots, this one included

@@ -108,6 +108,28 @@ def test_decode_logits_equal_reference_step_by_step(routed, granularity, kv_poli
     assert 0 < skipped < 6 * 3 * 3
 
 
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+def test_device_count_path_generates_as_the_reference(routed, granularity, kv_policy):
+    """generate() through CUDA's decode path (counts never read on the host), here on the CPU
+    ops, equals the reference path token for token."""
+    routed.lr_config = dataclasses.replace(routed.lr_config, granularity=granularity, kv_policy=kv_policy)
+    engine = lr.InferenceModel(routed, merge=False, host_counts=False)
+    out = lr.generate(engine, PROMPTS, max_new_tokens=6, eos_token_id=None)
+    assert out.tokens == reference_greedy(routed, PROMPTS, 6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
+def test_device_count_path_with_triton_kernels(routed, monkeypatch):
+    """The same with every op on its Triton kernel (the interpreter): prefill and decode."""
+    monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
+    engine = lr.InferenceModel(routed, host_counts=False)
+    out = lr.generate(engine, PROMPTS, max_new_tokens=4, eos_token_id=None)
+    monkeypatch.delenv("LAYERROUTE_BACKEND")
+    assert out.tokens == reference_greedy(routed, PROMPTS, 4)
+
+
 def test_merged_equals_unmerged(routed):
     ids = torch.tensor([PROMPTS[1]])
     logits = []
