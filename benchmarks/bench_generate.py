@@ -7,7 +7,9 @@
 
 For each batch size and prompt length it times our engine dense (routers off: tau 0) and with
 a fraction of the blocks skipped for every token (skip_layers, spread over the stack), plus all
-blocks skipped, which gives each block's measured share of the step time: the ideal time with
+blocks skipped, which gives each block's measured share of the step time; and the same skips
+made by the routers ("routed": tau 0.5, router biases forcing the decisions; at 0 blocks this is
+the price of routing when every block runs): the ideal time with
 k blocks skipped is dense - k x share, and "saved" is the fraction of that ideal saving that was
 realised. With --baselines, transformers' generate on the same checkpoint: eager, and (on CUDA)
 static cache + torch.compile. A prefill case routes about half of the tokens past every block
@@ -187,7 +189,7 @@ def plot(results, path, floor_ms):
         case = sorted((r for r in results["ours"] if (r["batch"], r["prompt"]) == (batch, prompt)),
                       key=lambda r: r["blocks_skipped"])
         forced = [r for r in case if r["mode"] == "forced"]
-        routed = [forced[0]] + [r for r in case if r["mode"] == "routed"]
+        routed = [r for r in case if r["mode"] == "routed"]
         ks = [r["blocks_skipped"] for r in forced]
         ax.plot(ks, [r["decode_ms_per_step"] for r in forced], "o-", label="layerroute_rt, skip_layers")
         ax.plot([r["blocks_skipped"] for r in routed], [r["decode_ms_per_step"] for r in routed], "s-",
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
         for batch in args.batch:
             prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
             configs = {("forced", k): ("forced", spread(k, L)) for k in skip_counts}
-            configs |= {("routed", k): ("routed", spread(k, L)) for k in skip_counts if k}
+            configs |= {("routed", k): ("routed", spread(k, L)) for k in skip_counts}
             timed, hf_timed = measure_case(engine, baselines, prompts, args.new_tokens, configs,
                                            args.repeats, device)
             rows = [{"batch": batch, "prompt": prompt_len, "mode": mode, "blocks_skipped": k,
