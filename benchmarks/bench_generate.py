@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py                       # Qwen2.5-0.5B shapes, random weights
     python benchmarks/bench_generate.py --model DIR           # a checkpoint you name
     python benchmarks/bench_generate.py --device cpu --dtype float32 --batch 1 --prompt 128 \\
-        --new-tokens 32 --skip-fractions 0 0.25 --baselines      # the 2-core CPU check
+        --new-tokens 16 --skip-fractions 0 0.25 0.5 --baselines --repeats 15   # the CPU check
 
 For each batch size and prompt length it times our engine dense (routers off: tau 0) and with
 a fraction of the blocks skipped for every token (skip_layers, spread over the stack), plus all
@@ -210,6 +210,7 @@ def plot(results, path, floor_ms):
     fig.suptitle(f"{results['device']}, {results['dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -294,15 +295,21 @@ def main(argv=None) -> int:
                     model, engine_kwargs, prompts, by["forced", 0]["prefill_ms"], by["forced", L]["prefill_ms"],
                     args.repeats, device)
                 print(json.dumps(results["prefill_half_routed"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"generate_{device.type}_{args.dtype}"
-    tmp_json = out / f".{stem}.json.tmp"
-    tmp_json.write_text(json.dumps(results, indent=2))
-    tmp_json.replace(out / f"{stem}.json")
-    plot(results, out / f"{stem}.png", floor_ms)
-    print(f"wrote {out / stem}.json and .png")
+            save(results, Path(args.out) / f"generate_{device.type}_{args.dtype}", floor_ms)
     return 0
+
+
+def save(results: dict, stem: Path, floor_ms: float) -> None:
+    """JSON (written to a temp file, then renamed) and the PNG, after every case: a run cut
+    short (a device lease ending) keeps the cases it finished."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stem.with_name(f".{stem.name}.json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(stem.with_suffix(".json"))
+    tmp_png = stem.with_name(f".{stem.name}.tmp.png")
+    plot(results, tmp_png, floor_ms)
+    tmp_png.replace(stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png", flush=True)
 
 
 if __name__ == "__main__":

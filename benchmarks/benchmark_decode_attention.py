@@ -6,10 +6,11 @@ dim 64), bf16, one query token per sequence:
 
 Batch 1, 8, 32; a cache of 2,304 slots (prompt 2048 + 256 new) of which 384 or 2,304 are filled
 (length); all, half or none of the rows live (count). The kernel reads K/V only for the live rows
-and only below the length, split over slot ranges so that batch 1 fills the GPU; the torch version (what a dense decode step does: the query heads of
-a KV head folded into the query length, a boolean mask over the whole cache) reads every row's
-whole cache. A round replays a CUDA graph of calls; operands rotate through enough copies to be
-read cold (device_limits.cold_copies).
+and only below the length, split over slot ranges so that batch 1 fills the GPU; the torch
+version (the engine's earlier dense decode attention: the query heads of a KV head folded into
+the query length, a boolean mask over the whole cache) reads every row's whole cache. A round
+replays a CUDA graph of calls; operands rotate through enough copies to be read cold
+(device_limits.cold_copies).
 
 extra_info: time per call, and GB/s of the K/V bytes the kernel needs (live rows x length x
 2 KV heads x 64 x 2 tensors x 2 bytes) against the measured copy bandwidth.

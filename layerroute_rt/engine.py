@@ -1,6 +1,6 @@
 """The inference engine: fused (and by default LoRA-merged) weights, true skipping at prefill and
-at decode, and a decode step that never reads a count on the host, so it can be captured in one
-CUDA graph and replayed.
+at decode, and a decode step that on CUDA never reads a count on the host, so it can be captured
+in one CUDA graph and replayed.
 
 Weights, per block, built once from a LayerRouteModel:
   qkv [q_dim + 2 kv_dim, D] (+ bias), o [D, q_dim], gate_up [2 I, D], down [D, I], and the router
@@ -14,7 +14,7 @@ Prefill (`prefill`, host synchronisation allowed): per block, route every real t
 the executing ones, run norm -> qkv -> attention -> o_proj -> MLP on them only, scatter back.
 Under kv_policy "compute" every real token still writes its K and V (the kv rows of qkv).
 
-Decode (`decode_step`, static shapes, no host reads): per block, the router kernel writes the
+Decode (`decode_step`; on CUDA static shapes and no host reads): per block, the router writes the
 rows that run and their count on the device; K/V are written for every row under "compute"
 (only the rows that run become visible under "drop"); q, attention, o_proj and the MLP are
 count-aware kernels (ops.lora_linear with a row list, ops.decode_attention) that read no weights
@@ -326,8 +326,8 @@ class InferenceModel:
     # -- decode ---------------------------------------------------------------------------------
 
     def _attend_cache(self, q, cache: KVCache, i: int, index, count, length) -> torch.Tensor:
-        """q [M, q_dim] (RoPE applied; row j < count is sequence index[j]) against layer i's
-        cache slots below `length` -> [M, q_dim]; count-aware, no host reads."""
+        """q [M, H, head_dim] (RoPE applied; row j < count is sequence index[j]) against layer
+        i's cache slots below `length` -> [M, q_dim]; count-aware, no host reads."""
         cfg = self.config
         M = q.shape[0]
         o = ops.decode_attention(q.reshape(M, cfg.num_attention_heads, cfg.head_dim).contiguous(),
@@ -384,15 +384,15 @@ class InferenceModel:
         """One token per sequence: state.tokens in, state.logits and state.executed out; the
         cache, positions and slot advance. Every sequence of the batch is fed a token.
 
-        A block in `skip` runs for no row and one at tau 0 for every row (known on the host).
-        Otherwise the router decides (host_counts None: the engine's): host_counts=False (the
-        default on CUDA): static shapes
-        and no host reads of device values (the counts stay on the device, the listed rows
-        run), so that the step can be captured in a CUDA graph. host_counts=True (the default
+        A block in `skip` runs for no row, and at tau 0 every block runs for every row, with no
+        router (both known on the host). Otherwise the router decides; host_counts (None: the
+        engine's) says how the step learns the rows it picked. False (the default on CUDA):
+        static shapes and no host reads of device values (the counts stay on the device and the
+        listed rows run), so that the step can be captured in a CUDA graph. True (the default
         elsewhere, where reading a count costs nothing): each block reads its count once and
         runs all rows without gathering when all run, nothing when none does, and the listed
-        rows otherwise. cache.length keeps the prefill
-        length (a captured graph cannot move a Python int); state.slot is the next slot."""
+        rows otherwise. cache.length keeps the prefill length (a captured graph cannot move a
+        Python int); state.slot is the next slot."""
         cfg, lr = self.config, self.lr_config
         B = cache.batch_size
         if host_counts is None:

@@ -173,7 +173,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 
 # The ops of a decode step; a CUDA graph needs each of them to keep its count on the device
 # (a Triton or compiled kernel: the torch references read the count on the host).
-DECODE_OPS = ("route_tokens", "lora_linear", "gather_rows", "scatter_add_rows", "add_rmsnorm")
+DECODE_OPS = ("route_tokens", "lora_linear", "gather_rows", "scatter_add_rows", "add_rmsnorm",
+              "decode_attention")
 
 
 def graphs_possible(device: torch.device) -> bool:
@@ -253,7 +254,7 @@ MAX_RUNNERS = 8      # per engine: each holds a KV cache (and on CUDA a graph an
 def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
     """The engine's runner for this key, most recently used last; a private one while it is busy
     (another stream of the same shape is still open)."""
-    use_graph = engine.use_cuda_graphs and graphs_possible(engine.device)
+    use_graph = engine.use_cuda_graphs and not engine.host_counts and graphs_possible(engine.device)
     key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
     runners = engine.__dict__.setdefault("_runners", {})
     runner = runners.pop(key, None)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from layerroute_rt import LayerRouteConfig, data, evaluate, load
+from layerroute_rt import LayerRouteConfig, data, evaluate
 from layerroute_rt.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import transformers
 
-import layerroute_rt as lr
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,

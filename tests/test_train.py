@@ -78,7 +78,6 @@ def test_killed_and_resumed_run_equals_uninterrupted(backbone, tmp_path, monkeyp
     train(full, toy_examples(), collate, tmp_path / "full", cfg, progress=False)
 
     killed = lr.load(backbone)
-    calls = {"n": 0}
     real_append = train_mod._append_log
 
     def die_at_step_8(path, row):            # the run dies after step 8 was logged (ckpt at 5)
