@@ -336,11 +336,18 @@ class InferenceModel:
         return o.reshape(M, cfg.q_dim)
 
     def _block_all_rows(self, h, q, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
-                        state: DecodeState, length):
-        """Block i on every row of h [B, D], given their q [B, q_dim] (before RoPE)."""
+                        state: DecodeState, length, n_keys: int | None):
+        """Block i on every row of h [B, D], given their q [B, q_dim] (before RoPE). n_keys: the
+        filled slots when the host knows them (then the reference's attention math runs
+        directly, without its checks and host reads)."""
         cfg = self.config
-        q = apply_rope(q.reshape(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        o = self._attend_cache(q, cache, i, state.ramp, state.all_rows, length)
+        B, nh, hd = h.shape[0], cfg.num_attention_heads, cfg.head_dim
+        q = apply_rope(q.reshape(B, nh, hd), cos, sin)
+        if n_keys is None:
+            o = self._attend_cache(q, cache, i, state.ramp, state.all_rows, length)
+        else:
+            o = ops.decode_attention_math(q, cache.k[i], cache.v[i], cache.valid[i], self.attn_scale,
+                                          n_keys).reshape(B, cfg.q_dim)
         mid = h + self._linear(o, blk.o_w, None, blk.o_lora)
         return mid + self._mlp(self._rms(mid, blk.norm2), blk)
 
@@ -400,6 +407,7 @@ class InferenceModel:
         h = F.embedding(state.tokens, self.embed)                            # [B, D]
         cos, sin = self._rope(state.positions)
         length = state.slot + 1                         # the filled cache slots, this one included
+        n_keys = int(length[0]) if host_counts else None
         for i, blk in enumerate(self.blocks):
             index = count = None
             if i in skip:
@@ -430,7 +438,7 @@ class InferenceModel:
             cache.k[i].index_copy_(2, state.slot, k[:, :, None])
             cache.v[i].index_copy_(2, state.slot, v[:, :, None])
             if rows == "all":
-                h = self._block_all_rows(h, q, blk, cos, sin, cache, i, state, length)
+                h = self._block_all_rows(h, q, blk, cos, sin, cache, i, state, length, n_keys)
             elif rows == "listed":
                 self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp, length)
         state.logits.copy_(self.logits(h))

@@ -818,28 +818,34 @@ def _check_decode_attention(q, k, v, valid, index, count, length, scale, out) ->
         raise ValueError(f"{op}: `out` must be {q.dtype} {list(q.shape)}, got {out.dtype} {list(out.shape)}")
 
 
-def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) -> torch.Tensor:
-    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
-    rows = _live_rows("decode_attention", index, count, k.shape[0], unique=False)
-    n_keys = min(int(length[0]), k.shape[2])
-    y = torch.empty_like(q) if out is None else out
-    n = rows.numel()
-    if n == 0:
-        return y
-    B, HKV = k.shape[:2]
+def decode_attention_math(q, k, v, valid, scale: float, n_keys: int, rows=None) -> torch.Tensor:
+    """The reference's computation, unchecked: the rows of q [n, H, D] against sequences `rows`
+    (int64 [n]; None: all B, in order) of k, v [B, HKV, S, D] over slots < n_keys, in float32,
+    returned in q's dtype. The engine's CPU decode calls it directly when every row runs."""
+    HKV = k.shape[1]
+    n = q.shape[0]
     G = q.shape[1] // HKV
-    # The G query heads of a KV head side by side against its keys: no copy of K/V per head.
-    qq = q[:n].view(n, HKV, G, -1).to(torch.float32)
-    if n == B and bool((rows == torch.arange(B, device=rows.device)).all()):
+    if rows is None:
         kk, vv, seen = k[:, :, :n_keys], v[:, :, :n_keys], valid[:, :n_keys]
     else:
         kk, vv, seen = k[rows, :, :n_keys], v[rows, :, :n_keys], valid[rows, :n_keys]
+    # The G query heads of a KV head side by side against its keys: no copy of K/V per head.
+    qq = q.view(n, HKV, G, -1).to(torch.float32)
     scores = qq @ kk.to(torch.float32).transpose(-1, -2) * scale              # [n, HKV, G, L]
     vv = vv.to(torch.float32).masked_fill(~seen[:, None, :, None], 0.0)   # invisible: no 0 x NaN
     seen = seen[:, None, None, :]
     p = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
     p = torch.where(seen.any(-1, keepdim=True), p, 0.0)                    # no visible key: zeros
-    y[:n] = (p @ vv).reshape(n, -1, q.shape[2]).to(q.dtype)
+    return (p @ vv).reshape(n, -1, q.shape[2]).to(q.dtype)
+
+
+def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) -> torch.Tensor:
+    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+    rows = _live_rows("decode_attention", index, count, k.shape[0], unique=False)
+    y = torch.empty_like(q) if out is None else out
+    n = rows.numel()
+    if n:
+        y[:n] = decode_attention_math(q[:n], k, v, valid, scale, min(int(length[0]), k.shape[2]), rows)
     return y
 
 
