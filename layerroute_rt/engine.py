@@ -54,21 +54,27 @@ class FusedBlock:
     down_lora: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def _lora_of(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The projection's (A, B) when it has a LoRA that is enabled, else None."""
+    return (m.lora_A, m.lora_B) if m.lora_A is not None and m.adapter_enabled else None
+
+
 def _stacked_lora(parts: list[LoRALinear], dtype: torch.dtype):
     """LoRA of projections fused along the output dim: A stacked [n r, K], B block-diagonal
     [sum N, n r], so x A^T B^T gives each projection its own update. None if none has a LoRA."""
-    with_lora = [m for m in parts if m.lora_A is not None]
-    if not with_lora:
+    pairs = [_lora_of(m) for m in parts]
+    live = [p for p in pairs if p is not None]
+    if not live:
         return None
-    r = with_lora[0].lora_A.shape[0]
-    A = torch.cat([m.lora_A for m in with_lora]).to(dtype).contiguous()
-    B = torch.zeros(sum(m.weight.shape[0] for m in parts), r * len(with_lora), dtype=dtype,
+    r = live[0][0].shape[0]
+    A = torch.cat([a for a, _ in live]).to(dtype).contiguous()
+    B = torch.zeros(sum(m.weight.shape[0] for m in parts), r * len(live), dtype=dtype,
                     device=A.device)
     row, col = 0, 0
-    for m in parts:
+    for m, pair in zip(parts, pairs):
         n = m.weight.shape[0]
-        if m.lora_A is not None:
-            B[row:row + n, col:col + r] = m.lora_B.to(dtype)
+        if pair is not None:
+            B[row:row + n, col:col + r] = pair[1].to(dtype)
             col += r
         row += n
     return A, B
@@ -76,7 +82,7 @@ def _stacked_lora(parts: list[LoRALinear], dtype: torch.dtype):
 
 def _merged(m: LoRALinear) -> torch.Tensor:
     """W + scale B A in float32, rounded once to W's dtype."""
-    if m.lora_A is None or not m.adapter_enabled:
+    if _lora_of(m) is None:
         return m.weight
     return (m.weight.float() + m.scale * (m.lora_B.float() @ m.lora_A.float())).to(m.weight.dtype)
 
@@ -97,22 +103,12 @@ def _fuse_block(block, merge: bool, base: FusedBlock | None = None) -> FusedBloc
                        down_w=w(mlp.down_proj).contiguous())
     lora = {}
     if not merge:
-        on = [m for m in qkv + gate_up + [attn.o_proj, mlp.down_proj] if m.adapter_enabled]
-        keep = (lambda ms: [m if m in on else _NoLoRA(m) for m in ms])
-        lora = dict(qkv_lora=_stacked_lora(keep(qkv), dtype),
-                    o_lora=_stacked_lora(keep([attn.o_proj]), dtype),
-                    gate_up_lora=_stacked_lora(keep(gate_up), dtype),
-                    down_lora=_stacked_lora(keep([mlp.down_proj]), dtype))
+        lora = dict(qkv_lora=_stacked_lora(qkv, dtype), o_lora=_stacked_lora([attn.o_proj], dtype),
+                    gate_up_lora=_stacked_lora(gate_up, dtype),
+                    down_lora=_stacked_lora([mlp.down_proj], dtype))
     return FusedBlock(norm1=block.input_layernorm.weight, norm2=block.post_attention_layernorm.weight,
                       router_w=block.router.weight.detach().reshape(-1).float().clone(),
                       router_b=block.router.bias.detach().float().clone(), **weights, **lora)
-
-
-class _NoLoRA:
-    """A projection seen without its adapter (adapter disabled)."""
-
-    def __init__(self, m: LoRALinear):
-        self.weight, self.lora_A = m.weight, None
 
 
 @dataclass

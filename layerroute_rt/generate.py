@@ -421,7 +421,8 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
         runner.step()
         exec_hist[step].copy_(state.executed)
         steps += 1
-        nxt = runner.greedy_next.clone() if temperature == 0.0 else \
+        # greedy: read (copied into `new` and the step's input) before the next step rewrites it
+        nxt = runner.greedy_next if temperature == 0.0 else \
             sample(state.logits, temperature, top_k, top_p, generator)
     _sync(device)
     decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from layerroute_rt import LayerRouteConfig, data, evaluate
+from layerroute_rt.checkpoint import atomic_write_json
 from layerroute_rt.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,8 @@ def main(argv=None) -> dict:
         tok = build_tokenizer(texts, args.vocab, out)
         pre = pretrain(args, tok, texts, out)
         pretrain_args = vars(args)
-        (out / "build_info.json").write_text(json.dumps({"args": vars(args), "pretrain_args": pretrain_args,
-                                                         "pretrain": pre}, indent=2) + "\n")
+        atomic_write_json(out / "build_info.json",
+                          {"args": vars(args), "pretrain_args": pretrain_args, "pretrain": pre})
     tok = type(tok).from_pretrained(out, local_files_only=True)     # exactly what ships
 
     # 4. step-typed examples (loss on the step's own tokens) and the evaluation splits.
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
 
     info = {"args": vars(args), "pretrain_args": pretrain_args, "pretrain": pre, "eval_seconds": round(eval_seconds, 1),
             "split_sizes": {name: len(ex) for name, ex in splits.items()}, "total_seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(out / "build_info.json", info)
 
     # Summary.
     print(f"\n[done] {out} in {info['total_seconds']:.0f}s; pretraining loss {pre.get('first_loss')} -> "
