@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import checkpoint, ops
 from .cache import KVCache
 from .config import LayerRouteConfig
-from .model import LayerRouteModel, LoRALinear, apply_rope
+from .model import LayerRouteModel, LoRALinear, _attention, apply_rope
 
 
 @dataclass
@@ -272,6 +272,11 @@ class InferenceModel:
         batch_of = torch.arange(B, device=self.device).repeat_interleave(T)
         slot_of = torch.arange(T, device=self.device).repeat(B)
         real_rows = valid_f.nonzero().squeeze(1)
+        # Per sequence: its number of real tokens if they are the last slots (left padding),
+        # else -1. When all of them run a block, its attention is plain causal (no mask).
+        n_real = valid.sum(1)
+        tail = torch.arange(T, device=self.device)[None, :] >= T - n_real[:, None]
+        prompt_len = torch.where((valid == tail).all(1), n_real, -1).tolist()
         if lr.granularity == "sequence":
             cache.decide_sequences()
         executed = torch.zeros(cfg.num_hidden_layers, B * T, dtype=torch.bool, device=self.device)
@@ -306,10 +311,17 @@ class InferenceModel:
                 if c == 0:
                     continue
                 sel = slice(start, start + c)
-                keys = cache.valid[i, s, :T][None, :] & (
-                    torch.arange(T, device=self.device)[None, :] <= slot_of[rows[sel]][:, None])
-                o[sel] = _gqa_attention(q[None, sel], cache.k[i, s:s + 1, :, :T],
-                                        cache.v[i, s:s + 1, :, :T], keys[None])[0]
+                qs = q[sel].transpose(0, 1)[None]                  # [1, H, c, hd]
+                if c == prompt_len[s]:
+                    # Every token of the prompt runs, so its keys are exactly its slots
+                    # [T - c, T): plain causal attention, no mask.
+                    o_s = _attention(qs, cache.k[i, s:s + 1, :, T - c:T], cache.v[i, s:s + 1, :, T - c:T])
+                else:
+                    keys = cache.valid[i, s, :T][None, :] & (
+                        torch.arange(T, device=self.device)[None, :] <= slot_of[rows[sel]][:, None])
+                    o_s = _attention(qs, cache.k[i, s:s + 1, :, :T], cache.v[i, s:s + 1, :, :T],
+                                     keys[None, None])
+                o[sel] = o_s[0].transpose(0, 1)
                 start += c
             a = self._linear(o.reshape(n, qd), blk.o_w, None, blk.o_lora)
             mid = h[rows] + a
@@ -440,16 +452,3 @@ class InferenceModel:
         state.logits.copy_(self.logits(h))
         state.positions += 1
         state.slot += 1
-
-
-def _gqa_attention(q, k, v, mask):
-    """Grouped-query attention without repeating K/V: q [B, c, H, hd] (c queries per sequence),
-    k/v [B, Hkv, S, hd], mask [B, c, S] (True: attend) -> [B, c, H, hd]. The G query heads of
-    a KV head are folded into the query length."""
-    B, c, H, hd = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    qq = q.view(B, c, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * c, hd)
-    m = mask[:, None, None].expand(B, 1, G, c, mask.shape[-1]).reshape(B, 1, G * c, -1)
-    o = F.scaled_dot_product_attention(qq, k, v, attn_mask=m)
-    return o.view(B, Hkv, G, c, hd).permute(0, 3, 1, 2, 4).reshape(B, c, H, hd)

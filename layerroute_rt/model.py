@@ -323,9 +323,13 @@ class LayerRouteModel(nn.Module):
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
-        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-        eye = torch.eye(T, dtype=torch.bool, device=h.device)
         route_f = route.float()
+        # Every token a key at every layer (kv policy "compute", no padding): plain causal
+        # attention, no mask (see _attention).
+        causal_only = lr.kv_policy == "compute" and bool(valid.all())
+        if not causal_only:
+            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=h.device)
         probs, executed = [], []
         for i, block in enumerate(self.blocks):
             if lr.granularity == "token":
@@ -334,7 +338,7 @@ class LayerRouteModel(nn.Module):
                 p = block.route_prob(_masked_mean(h, route))[:, None].expand(B, T)  # [B, T]
             hard = (p >= tau) & valid & (i not in skip)
             keys = valid if lr.kv_policy == "compute" else hard
-            mask = causal & (keys[:, None, :] | eye)                            # [B, Tq, Tk]
+            mask = None if causal_only else causal & (keys[:, None, :] | eye)   # [B, Tq, Tk]
             out = self._block_dense(block, h, cos, sin, mask)
             h = gate_mix(h, out, p, hard)
             probs.append(p)
@@ -368,7 +372,8 @@ class LayerRouteModel(nn.Module):
         return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce)
 
     def _block_dense(self, block: Block, h, cos, sin, mask) -> torch.Tensor:
-        """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom."""
+        """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom
+        (None: causal)."""
         cfg = self.config
         B, T, _ = h.shape
         x = block.input_layernorm(h)
@@ -376,7 +381,8 @@ class LayerRouteModel(nn.Module):
         q = apply_rope(attn.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(attn.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = attn.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        o = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None])
+        o = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                       None if mask is None else mask[:, None])
         h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, cfg.q_dim))
         return h + block.mlp_forward(block.post_attention_layernorm(h))
 
@@ -513,10 +519,19 @@ def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (_at_least_fp32(h) * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
 
 
-def _attention(q, k, v, mask):
-    """Grouped-query attention. q [B, H, Tq, hd], k/v [B, Hkv, Tk, hd], mask broadcast to
-    [B, H, Tq, Tk] (True: attend)."""
+def _attention(q, k, v, mask=None):
+    """Grouped-query attention. q [B, H, Tq, hd], k/v [B, Hkv, Tk, hd] (H a multiple of Hkv);
+    mask broadcast to [B, 1, Tq, Tk] (True: attend), or None for causal attention (Tq == Tk,
+    query t sees keys 0..t).
+
+    Without a mask SDPA takes the KV heads as they are (enable_gqa: no K/V copies, and on CUDA
+    flash attention, with no [Tq, Tk] mask or scores in memory). With a mask, K/V are repeated
+    to the H query heads and the mask is broadcast over them: CUDA's memory-efficient kernel,
+    the one that takes a mask, does not take fewer KV heads (SDPA would fall back to its math
+    kernel, [Tq, Tk] scores per head)."""
     groups = q.shape[1] // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

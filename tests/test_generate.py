@@ -108,6 +108,25 @@ def test_decode_logits_equal_reference_step_by_step(routed, granularity, kv_poli
     assert 0 < skipped < 6 * 3 * 3
 
 
+@pytest.mark.parametrize("kv_policy", ["compute", "drop"])
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_prefill_attention_paths_equal_reference(routed, kv_policy, tau):
+    """Prefill attends with plain causal attention where every token of a left-padded prompt
+    runs the block, else with a mask: padding on the left (rows 0, 1), none (row 2) and inside
+    the prompt (row 3, always the masked path), every token running (tau 0) or some skipping."""
+    routed.lr_config = dataclasses.replace(routed.lr_config, kv_policy=kv_policy)
+    engine = lr.InferenceModel(routed)
+    ids = torch.randint(1, 257, (4, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1],
+                         [1, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    cache = engine.new_cache(4, 8)
+    last, executed = engine.prefill(ids, mask, cache, tau)
+    ref, ref_exec = routed(ids, tau=tau, attention_mask=mask, return_executed=True)
+    assert torch.equal(executed, ref_exec)
+    torch.testing.assert_close(last, ref[:, -1], rtol=1e-4, atol=1e-4)
+    assert executed[:, mask].all() if tau == 0.0 else not executed[:, mask].all()
+
+
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 @pytest.mark.parametrize("kv_policy", ["compute", "drop"])
 def test_device_count_path_generates_as_the_reference(routed, granularity, kv_policy):

@@ -551,3 +551,23 @@ def test_unsupported_activation_is_rejected(tmp_path):
     save_random_qwen2(tmp_path, hidden_act="gelu")
     with pytest.raises(ValueError, match=r"config.json: hidden_act 'gelu' is not supported"):
         lr.load(tmp_path)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (14, 2), (6, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_causal_path_equals_masked_path(heads, kv_heads, dtype):
+    """_attention without a mask (causal, KV heads as they are) equals the masked path (K/V
+    repeated, explicit lower-triangular mask) and the textbook softmax."""
+    g = torch.Generator().manual_seed(heads)
+    B, T, hd = 2, 37, 16
+    q = torch.randn(B, heads, T, hd, generator=g).to(dtype)
+    k, v = (torch.randn(B, kv_heads, T, hd, generator=g).to(dtype) for _ in range(2))
+    tril = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = model_mod._attention(q, k, v)
+    masked = model_mod._attention(q, k, v, tril[None, None].expand(B, 1, T, T))
+    kr, vr = (t.float().repeat_interleave(heads // kv_heads, 1) for t in (k, v))
+    scores = (q.float() @ kr.transpose(-1, -2)) / hd ** 0.5
+    want = scores.masked_fill(~tril, float("-inf")).softmax(-1) @ vr
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(causal.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(masked.float(), want, atol=tol, rtol=tol)
