@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, ops
 from .cache import KVCache
 from .config import BackboneConfig, LayerRouteConfig, check_tau
 
@@ -86,10 +86,19 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None and self.adapter_enabled:
-            y = y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y
+        """y over the last dim of x. With the adapter: ops.lora_linear (on CUDA the fused
+        Triton kernel and its backward, elsewhere the unfused torch expression). Under autocast
+        x and the frozen weight are cast to the autocast dtype, as F.linear's would be."""
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if self.lora_A is None or not self.adapter_enabled:
+            return F.linear(x, weight, bias)
+        y = ops.lora_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias,
+                            self.lora_A, self.lora_B, self.scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Block(nn.Module):

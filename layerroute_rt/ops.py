@@ -104,9 +104,10 @@ def _check_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_na
         )
 
 
-def _check_rows(op: str, t: torch.Tensor, name: str) -> None:
-    if t.dtype not in _ROW_DTYPES:
-        raise TypeError(f"{op}: `{name}` must be float32, float16 or bfloat16, got {t.dtype}")
+def _check_rows(op: str, t: torch.Tensor, name: str, dtypes=_ROW_DTYPES) -> None:
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{op}: `{name}` must be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
     if t.dim() != 2:
         raise ValueError(f"{op}: `{name}` must be 2-D [rows, D], got shape {list(t.shape)}")
     if not t.is_contiguous():
@@ -323,7 +324,7 @@ def _check_lora_linear(
     out: torch.Tensor | None,
 ) -> None:
     op = "lora_linear"
-    _check_rows(op, x, "x")
+    _check_rows(op, x, "x", _ROW_DTYPES + (torch.float64,))
     if weight.dtype != x.dtype:
         raise TypeError(
             f"{op}: `weight` must have the dtype of `x` ({x.dtype}), got {weight.dtype}"
@@ -360,9 +361,9 @@ def _check_lora_linear(
         raise ValueError(f"{op}: `lora_A` and `lora_B` must both be tensors or both be None")
     if lora_A is not None:
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if t.dtype not in _ROW_DTYPES:
+            if t.dtype not in _ROW_DTYPES + (torch.float64,):
                 raise TypeError(
-                    f"{op}: `{name}` must be float32, float16 or bfloat16, got {t.dtype}"
+                    f"{op}: `{name}` must be float32, float16, bfloat16 or float64, got {t.dtype}"
                 )
             _check_device(op, t, name, x, "x")
         if lora_A.dim() != 2 or lora_A.shape[0] == 0 or lora_A.shape[1] != k_in:
@@ -448,7 +449,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x W^T + bias + scale (x A^T) B^T, the LoRA term absent when lora_A, lora_B are None.
 
-    x [M, K] contiguous, float32, float16 or bfloat16; weight [N, K] contiguous and bias [N]
+    x [M, K] contiguous, float32, float16 or bfloat16 (or float64, which always takes the
+    torch expression: for gradcheck); weight [N, K] contiguous and bias [N]
     (or None) in x's dtype, frozen (no grad); lora_A [r, K] and lora_B [N, r] in any of those
     dtypes (cast to x's: they are tiny); scale a Python float. Returns y [M, N] in x's dtype,
     differentiable in x, lora_A and lora_B (each grad in its input's dtype).
@@ -462,7 +464,7 @@ def lora_linear(
     rows from count on keep their values.
     """
     _check_lora_linear(x, weight, bias, lora_A, lora_B, scale, index, count, out)
-    if backend("lora_linear", x.device) == "triton":
+    if x.dtype != torch.float64 and backend("lora_linear", x.device) == "triton":
         return _lora_linear_triton.lora_linear(
             x, weight, bias, lora_A, lora_B, scale, index, count, out=out
         )

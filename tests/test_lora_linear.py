@@ -302,7 +302,7 @@ def _bad(args, name):
     """args with one argument made wrong, per `name`."""
     a = dict(args)
     change = {
-        "x_dtype": lambda: dict(x=a["x"].double()),
+        "x_dtype": lambda: dict(x=a["x"].to(torch.int32)),
         "x_noncontig": lambda: dict(x=a["x"].t().contiguous().t()),
         "x_1d": lambda: dict(x=a["x"][0]),
         "weight_K": lambda: dict(weight=a["weight"][:, 1:].contiguous()),
@@ -350,3 +350,18 @@ def test_argument_checks(monkeypatch, name, error, match, backend):
     args = make_inputs((5, 7, 33, 5), torch.float32, "cpu")
     with pytest.raises(error, match=match):
         ops.lora_linear(**_bad(args, name))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_takes_the_torch_expression(monkeypatch, backend):
+    """float64 (for gradcheck of the model) runs the unfused expression whatever the backend,
+    with exact gradients."""
+    monkeypatch.setenv("LAYERROUTE_BACKEND", backend)
+    args = {k: (v.double() if torch.is_tensor(v) else v)
+            for k, v in make_inputs((5, 7, 6, 3), torch.float32, "cpu").items()}
+    x, A, B = (args[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B"))
+    y = ops.lora_linear(x, args["weight"], args["bias"], A, B, args["scale"])
+    want = x @ args["weight"].T + args["bias"] + args["scale"] * (x @ A.T) @ B.T
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, A, B: ops.lora_linear(x, args["weight"], args["bias"], A, B, args["scale"]), (x, A, B))
