@@ -269,37 +269,47 @@ def test_gradients_reach_routers_and_lora_only(tiny_dir):
     assert all(".router." in n or ".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_training_through_the_triton_lora_kernel(tiny_dir, monkeypatch, dtype):
+_INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+_TRITON_DEVICES = [
+    pytest.param("cpu", torch.float32, marks=pytest.mark.skipif(
+        not _INTERPRETED, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
+    pytest.param("cpu", torch.float16, marks=pytest.mark.skipif(
+        not _INTERPRETED, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
+] + [pytest.param("cuda", dt, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
+     for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device,dtype", _TRITON_DEVICES)
+def test_training_through_the_triton_lora_kernel(tiny_dir, monkeypatch, device, dtype):
     """The training path's LoRA projections go through ops.lora_linear: with the Triton kernel
-    and its autograd backward (the interpreter here; CUDA's path), loss and every trainable
-    gradient equal the torch expression's within the dtype's error."""
-    def loss_and_grads(backend):
+    and its autograd backward (CUDA, or the interpreter on CPU), loss and every trainable
+    gradient agree with the torch expression's: in fp32 directly, in half precision with an
+    error against the fp32 result at most twice torch's own (STYLE.md)."""
+    def loss_and_grads(backend, dt):
         monkeypatch.setenv("LAYERROUTE_BACKEND", backend)
-        model = routed(tiny_dir[0]).to(dtype)
+        model = routed(tiny_dir[0]).to(device, dt)
         for name, p in model.named_parameters():     # routers and LoRA stay float32
             if p.requires_grad:
                 p.data = p.data.float()
-        x = ids(seed=6)
+        x = ids(seed=6).to(device)
         out = model.train_forward(x, labels=x)
         out.loss.backward()
-        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return [out.loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
 
     from python_kernels import lora_linear as kernel
     calls = []
     apply = kernel.LoRALinearFunction.apply
     monkeypatch.setattr(kernel.LoRALinearFunction, "apply", lambda *a: calls.append(1) or apply(*a))
-    loss_t, grads_t = loss_and_grads("torch")
+    exact = loss_and_grads("torch", torch.float32)
+    torch_dt = loss_and_grads("torch", dtype)
     assert not calls
-    loss_k, grads_k = loss_and_grads("triton")
+    triton_dt = loss_and_grads("triton", dtype)
     assert len(calls) == 4 * len(routed(tiny_dir[0]).blocks)      # q, k, v, o per block
-    tol = 2e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(loss_k, loss_t, rtol=tol, atol=tol)
-    assert grads_k.keys() == grads_t.keys() and any(".lora_A" in n for n in grads_k)
-    for name in grads_t:
-        assert rel_err(grads_k[name], grads_t[name]) < tol * 10, name
+    for i, (want, t, k) in enumerate(zip(exact, torch_dt, triton_dt)):
+        if dtype == torch.float32:
+            assert rel_err(k, want) < 1e-4, i
+        else:
+            assert rel_err(k, want) <= 2 * rel_err(t, want) + 1e-3, (i, rel_err(k, want), rel_err(t, want))
 
 
 class TrainLoss(torch.nn.Module):
