@@ -90,7 +90,7 @@ class LoRALinear(nn.Module):
         Triton kernel and its backward, elsewhere the unfused torch expression). Under autocast
         x and the frozen weight are cast to the autocast dtype, as F.linear's would be."""
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)

@@ -26,14 +26,17 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   each column block) + 2 R_PAD/K (the B dots) to the tensor-core work, about 16% at
   BLOCK_N = 128, K = 896, where the unfused expression spends extra passes over x and y.
 - The configs are autotuned on the GPU, keyed by (rows rounded up to a power of 2, N, K, W's
-  layout, row list or not) and pruned to the decode or prefill set by the row count. W's layout
+  layout, row list or not, LoRA or not and its padded rank) and pruned to the decode or prefill set by the row count. W's layout
   (stride_wk: 1 for W, N for the backward's W^T view) keeps the dx launch of a square weight
   from reusing the forward's tuning. A row-list launch is tuned on all its rows whatever its
   first call's count (a count of 0 would time empty launches): the tuning hooks set the count
   to R for the timed runs and restore count and y after each. Autotuning runs on the first
   call of each shape: warm up before capturing a CUDA graph.
-  LAYERROUTE_TRITON_AUTOTUNE=0 skips it: each shape takes the first config of its pruned set
-  (for test runs, which would otherwise compile every config of every shape). Under
+  The pruning also drops the configs that may not fit the device's shared memory (an upper
+  bound per config, checked against the compiled kernels for sm_80 and sm_90 by
+  tests/triton_sm_compile.py), so the first config of a set always fits.
+  LAYERROUTE_TRITON_AUTOTUNE=0 skips the tuning: each shape takes the first config of its
+  pruned set (for test runs, which would otherwise compile every config of every shape). Under
   TRITON_INTERPRET=1 there is one config, as autotuning in the interpreter would be slow.
 - fp32 inputs use IEEE-precision dots (no TF32), to match torch's fp32 matmul; fp16 and bf16
   use tensor cores with fp32 accumulation and y is rounded once, where the unfused expression
@@ -54,6 +57,7 @@ dy. A Triton kernel would do the same pass; fusing them into the dx kernel would
 across row blocks (non-deterministic, and a zeroed fp32 buffer), for no saving in bytes.
 """
 
+import functools
 import os
 
 import torch
@@ -86,11 +90,34 @@ _PREFILL_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
 
 
+@functools.cache
+def _shared_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on the device (None where unknown)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def _shared_bound(config: triton.Config, elem_bytes: int, r_pad: int) -> int:
+    """An upper bound of a config's shared memory: num_stages buffers of the x and W tiles and
+    twice the A tile's, plus 8 KiB (barriers, the B tile; sm_90 kernels use up to 6 KiB more
+    than the tiles). Checked against every compiled config by tests/triton_sm_compile.py."""
+    kw = config.kwargs
+    tiles = (kw["BLOCK_M"] + kw["BLOCK_N"] + 2 * r_pad) * kw["BLOCK_K"] * elem_bytes
+    return config.num_stages * tiles + 8192
+
+
 def _prune_configs(configs, named_args, **kwargs) -> list[triton.Config]:
-    """The decode configs (BLOCK_M covering all the rows) or the prefill ones; only the first
-    of them with LAYERROUTE_TRITON_AUTOTUNE=0."""
+    """The decode configs (BLOCK_M covering all the rows) or the prefill ones, less those that
+    may not fit the device's shared memory (the smallest is kept if none is sure to); only the
+    first of them with LAYERROUTE_TRITON_AUTOTUNE=0."""
     rows = named_args["M_BUCKET"]
     pruned = _DECODE_CONFIGS[max(16, rows)] if rows <= _DECODE_ROWS else _PREFILL_CONFIGS
+    limit = _shared_limit(named_args["x_ptr"].device)
+    if limit is not None:
+        bound = functools.partial(_shared_bound, elem_bytes=named_args["x_ptr"].element_size(),
+                                  r_pad=kwargs.get("R_PAD", 64))
+        pruned = [c for c in pruned if bound(c) <= limit] or [min(pruned, key=bound)]
     return pruned[:1] if os.environ.get("LAYERROUTE_TRITON_AUTOTUNE", "1") == "0" else pruned
 
 
@@ -113,7 +140,7 @@ def _tuning_post_hook(nargs, exception):
 @triton.autotune(
     configs=[_INTERPRETER_CONFIG] if _INTERPRET else
     [c for cs in _DECODE_CONFIGS.values() for c in cs] + _PREFILL_CONFIGS,
-    key=["M_BUCKET", "N", "K", "stride_wk", "HAS_INDEX"],
+    key=["M_BUCKET", "N", "K", "stride_wk", "HAS_INDEX", "HAS_LORA", "R_PAD"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
     pre_hook=_tuning_pre_hook,
     post_hook=_tuning_post_hook,

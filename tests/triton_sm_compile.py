@@ -1,14 +1,17 @@
 """Compile every Triton kernel for a CUDA architecture, without a GPU: `python
 tests/triton_sm_compile.py 90` (or 80) builds, through Triton's own compiler and its bundled
 ptxas, each kernel specialisation that the launch wrappers of python_kernels/ make at
-Qwen2-family shapes (0.5B, 1.5B, 7B head layouts), in fp32, fp16 and bf16, for the forward
-launches, the row-list (decode) launches and the autograd backward launches, plus odd sizes.
+Qwen2-family shapes (0.5B, 1.5B, 7B head layouts): the forward launches, the row-list (decode)
+launches and the autograd backward launches (float32 adapters on the layer's dtype, as in
+training), plus odd sizes; every shape in bf16, a shorter list in fp32 and fp16.
 
 Nothing runs: a stand-in driver reports the target, and every launch is turned into Triton's
 warm-up (compile, no launch), so outputs are garbage and never read. Autotuned kernels compile
-every config their pruning keeps for the launch (or only the first with --first-config): the
-GPU's autotuner drops a config that fails to compile or needs more shared memory than the
-device has, so a launch fails only when none of its configs is usable; a kernel that is not
+every config their pruning keeps for the launch (or only the first with --first-config, which
+is what LAYERROUTE_TRITON_AUTOTUNE=0 runs); the pruning sees the architecture's shared memory,
+and each compiled config is checked against the bound the pruning uses. The GPU's autotuner
+drops a config that fails in ptxas or needs more shared memory than the device has, so such a
+config is reported, not failed, unless no config of the launch is usable; a kernel that is not
 autotuned must fit the device's shared memory itself.
 
 This is the CPU machine's check that the kernels, written and tested under TRITON_INTERPRET=1,
@@ -33,13 +36,17 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
+from triton.compiler.errors import CompileTimeAssertionFailure  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Shared memory one block may use (opt-in maximum), by architecture.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# The errors for which Triton's autotuner drops a config (any other stops the launch).
+SKIPPED_BY_AUTOTUNER = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
 # Streaming multiprocessors of the architecture's data-centre part (A100, H100 SXM): they set
 # decode_attention's split count, a constexpr.
 MULTIPROCESSORS = {80: 108, 86: 84, 89: 128, 90: 132}
@@ -69,15 +76,23 @@ class Recorder:
         self.compiled: dict[str, dict] = {}   # kernel name + specialisation -> metadata
         self.oversized: list[str] = []        # non-autotuned kernels over the shared limit
         self.autotuned: list[dict] = []       # per autotuned launch: configs usable / not
+        self.dtypes: dict[str, set[str]] = {}  # kernel name -> dtypes of its first tensor
+        self.bound_violations: list[str] = []  # lora_linear configs over its shared-memory bound
 
     def install(self) -> None:
+        from python_kernels import lora_linear
+
         triton_driver.set_active(_TargetDriver(self.arch))
+        lora_linear._shared_limit = lambda device: MAX_SHARED[self.arch]   # the pruning's limit
         jit_run, recorder = JITFunction.run, self
 
         def run(fn, *args, grid, warmup, **kwargs):
             start = time.perf_counter()
             kernel = jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
             key = f"{fn.__name__}[{kernel.hash[:12]}]"
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                recorder.dtypes.setdefault(fn.__name__, set()).add(str(first.dtype).removeprefix("torch."))
             if key not in recorder.compiled:
                 recorder.compiled[key] = {"shared": kernel.metadata.shared,
                                           "warps": kernel.metadata.num_warps,
@@ -95,9 +110,13 @@ class Recorder:
                 label = str(config)
                 try:
                     kernel = tuner.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
-                except Exception as exc:  # noqa: BLE001: the GPU's autotuner skips these too
+                except SKIPPED_BY_AUTOTUNER as exc:      # the GPU's autotuner skips these too
                     unusable.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                     continue
+                bound = lora_linear._shared_bound(config, args[0].element_size(), kwargs["R_PAD"]) \
+                    if tuner.fn.__name__ == "_lora_linear_kernel" else None
+                if bound is not None and kernel.metadata.shared > bound:
+                    recorder.bound_violations.append(f"{label}: {kernel.metadata.shared} > bound {bound}")
                 if kernel.metadata.shared > MAX_SHARED[recorder.arch]:
                     unusable.append(f"{label}: {kernel.metadata.shared} bytes of shared memory")
                 else:
@@ -120,98 +139,112 @@ class Recorder:
 
 
 def _cases(arch: int):
-    """(name, thunk) for every launch configuration to compile."""
-    from python_kernels import decode_attention, lora_linear, router, rows
+    """(name, thunk) for every launch configuration to compile: every shape in bf16 (the GPU's
+    dtype), a shorter list in fp32 and fp16 (their own code paths: IEEE dots, no split u)."""
+    from python_kernels import decode_attention
 
     decode_attention._multiprocessors = lambda device: MULTIPROCESSORS[arch]
     cases = []
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for dt in (torch.bfloat16, torch.float32, torch.float16):
+        cases += _dtype_cases(dt, every_shape=dt == torch.bfloat16)
+    return cases
+
+
+def _dtype_cases(dt: torch.dtype, every_shape: bool):
+    from python_kernels import decode_attention, lora_linear, router, rows
+
+    tag = str(dt).removeprefix("torch.")
+    cases = []
 
     def add(name, fn):
-        cases.append((name, fn))
+        cases.append((f"{name} {tag}", fn))
 
-    for dt in dtypes:
-        tag = str(dt).removeprefix("torch.")
+    def pick(shapes, short):
+        return shapes if every_shape else [shapes[i] for i in short]
 
-        def rnd(*shape, dtype=dt, grad=False):
-            return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+    def rnd(*shape, dtype=dt, grad=False):
+        return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 
-        def idx(n, hi):
-            return torch.randint(0, hi, (n,), dtype=torch.int32)
+    def idx(n, hi):
+        return torch.randint(0, hi, (n,), dtype=torch.int32)
 
-        one = torch.ones(1, dtype=torch.int32)
+    one = torch.ones(1, dtype=torch.int32)
 
-        # --- lora_linear: (K in, N out) of Qwen2.5-0.5B's fused qkv, o_proj, gate_up, down, and
-        # odd sizes; rank 8, 24 (three adapters stacked on the fused qkv) and 3.
-        for rows_m, k, n, rank, bias, listed in (
-            (1, 896, 1152, 0, True, True),     # decode, merged LoRA, listed rows (q/k/v + bias)
-            (1, 896, 1152, 24, True, True),    # decode, unmerged stacked LoRA on the fused qkv
-            (24, 896, 896, 8, False, True),    # decode, o_proj
-            (64, 896, 9728, 0, False, True),   # decode, gate_up at batch 64
-            (8, 4864, 896, 8, False, False),   # decode, down_proj, every row (no list)
-            (4096, 896, 1152, 8, True, False),  # prefill
-            (37, 100, 75, 3, True, True),      # odd sizes
-        ):
-            def launch(rows_m=rows_m, k=k, n=n, rank=rank, bias=bias, listed=listed):
-                x = rnd(max(rows_m, 4), k)
-                A = rnd(rank, k, dtype=torch.float32) if rank else None
-                B = rnd(n, rank, dtype=torch.float32) if rank else None
-                index = idx(rows_m, x.shape[0]) if listed else None
-                lora_linear.lora_linear(x if listed else x[:rows_m], rnd(n, k), rnd(n) if bias else None,
-                                        A, B, 2.0, index, one if listed else None)
-            add(f"lora_linear {tag} M={rows_m} K={k} N={n} r={rank} bias={bias} listed={listed}", launch)
-        for rows_m, k, n, rank in ((2048, 896, 1152, 8), (2048, 896, 896, 16), (33, 100, 75, 3)):
-            def train(rows_m=rows_m, k=k, n=n, rank=rank):
-                x = rnd(rows_m, k, grad=True)
-                A, B = rnd(rank, k, grad=True), rnd(n, rank, grad=True)
-                lora_linear.lora_linear(x, rnd(n, k), rnd(n), A, B, 2.0).sum().backward()
-            add(f"lora_linear backward {tag} M={rows_m} K={k} N={n} r={rank}", train)
+    # --- lora_linear: (K in, N out) of Qwen2.5-0.5B's fused qkv, o_proj, gate_up, down, and odd
+    # sizes; rank 8, 24 (three adapters stacked on the fused qkv) and 3.
+    for rows_m, k, n, rank, bias, listed in pick([
+        (1, 896, 1152, 0, True, True),     # decode, merged LoRA, listed rows (q/k/v + bias)
+        (1, 896, 1152, 24, True, True),    # decode, unmerged stacked LoRA on the fused qkv
+        (24, 896, 896, 8, False, True),    # decode, o_proj
+        (64, 896, 9728, 0, False, True),   # decode, gate_up at batch 64
+        (8, 4864, 896, 8, False, False),   # decode, down_proj, every row (no list)
+        (4096, 896, 1152, 8, True, False),  # prefill
+        (37, 100, 75, 3, True, True),      # odd sizes
+    ], short=(1, 5, 6)):
+        def launch(rows_m=rows_m, k=k, n=n, rank=rank, bias=bias, listed=listed):
+            x = rnd(max(rows_m, 4), k)
+            A = rnd(rank, k, dtype=torch.float32) if rank else None
+            B = rnd(n, rank, dtype=torch.float32) if rank else None
+            index = idx(rows_m, x.shape[0]) if listed else None
+            lora_linear.lora_linear(x if listed else x[:rows_m], rnd(n, k), rnd(n) if bias else None,
+                                    A, B, 2.0, index, one if listed else None)
+        add(f"lora_linear M={rows_m} K={k} N={n} r={rank} bias={bias} listed={listed}", launch)
+    # Training: float32 adapters on the layer's dtype (forward storing u, the dx launch on W^T).
+    for rows_m, k, n, rank in pick([(2048, 896, 1152, 8), (2048, 896, 896, 16), (33, 100, 75, 3)],
+                                   short=(0, 2)):
+        def train(rows_m=rows_m, k=k, n=n, rank=rank):
+            x = rnd(rows_m, k, grad=True)
+            A = rnd(rank, k, dtype=torch.float32, grad=True)
+            B = rnd(n, rank, dtype=torch.float32, grad=True)
+            lora_linear.lora_linear(x, rnd(n, k), rnd(n), A, B, 2.0).sum().backward()
+        add(f"lora_linear backward M={rows_m} K={k} N={n} r={rank}", train)
 
-        # --- router: decode (one tile compacts itself), prefill (scores + scan), sequences,
-        # backward of both.
-        for n_rows, d, with_valid in ((1, 896, False), (8, 896, True), (4096, 896, True),
-                                      (2048, 1536, False), (37, 100, True)):
-            def tokens(n_rows=n_rows, d=d, with_valid=with_valid):
-                valid = torch.rand(n_rows) > 0.3 if with_valid else None
-                router.token_scores(rnd(n_rows, d), rnd(d), rnd(1), 0.5, valid)
-            add(f"router tokens {tag} N={n_rows} D={d} valid={with_valid}", tokens)
-        for b, t, d, with_valid in ((1, 1, 896, False), (4, 512, 896, True), (3, 37, 100, True)):
-            def sequences(b=b, t=t, d=d, with_valid=with_valid):
-                valid = torch.rand(b, t) > 0.3 if with_valid else None
-                router.sequence_scores(rnd(b, t, d), rnd(d), rnd(1), 0.5, valid)
-            add(f"router sequences {tag} B={b} T={t} D={d} valid={with_valid}", sequences)
-        for n_rows, d in ((2048, 896), (37, 100)):
-            def backward(n_rows=n_rows, d=d):
-                h = rnd(n_rows, d, grad=True)
-                w, bias = rnd(1, d, dtype=torch.float32, grad=True), rnd(1, dtype=torch.float32, grad=True)
-                p, _, _ = router.RouteTokens.apply(h, w, bias, 0.5, None)
-                p.sum().backward()
-                hs = rnd(4, n_rows // 4 + 1, d, grad=True)
-                p, _, _ = router.RouteSequences.apply(hs, w, bias, 0.5, torch.ones(hs.shape[:2], dtype=torch.bool))
-                p.sum().backward()
-            add(f"router backward {tag} N={n_rows} D={d}", backward)
+    # --- router: decode (one tile compacts itself), prefill (scores + scan), sequences, and the
+    # backward of both.
+    for n_rows, d, with_valid in pick([(1, 896, False), (8, 896, True), (4096, 896, True),
+                                       (2048, 1536, False), (37, 100, True)], short=(1, 2, 4)):
+        def tokens(n_rows=n_rows, d=d, with_valid=with_valid):
+            valid = torch.rand(n_rows) > 0.3 if with_valid else None
+            router.token_scores(rnd(n_rows, d), rnd(d), rnd(1), 0.5, valid)
+        add(f"router tokens N={n_rows} D={d} valid={with_valid}", tokens)
+    for b, t, d, with_valid in pick([(1, 1, 896, False), (4, 512, 896, True), (3, 37, 100, True)],
+                                    short=(1, 2)):
+        def sequences(b=b, t=t, d=d, with_valid=with_valid):
+            valid = torch.rand(b, t) > 0.3 if with_valid else None
+            router.sequence_scores(rnd(b, t, d), rnd(d), rnd(1), 0.5, valid)
+        add(f"router sequences B={b} T={t} D={d} valid={with_valid}", sequences)
+    for n_rows, d in pick([(2048, 896), (37, 100)], short=(0,)):
+        def backward(n_rows=n_rows, d=d):
+            h = rnd(n_rows, d, grad=True)
+            w, bias = rnd(1, d, dtype=torch.float32, grad=True), rnd(1, dtype=torch.float32, grad=True)
+            p, _, _ = router.RouteTokens.apply(h, w, bias, 0.5, None)
+            p.sum().backward()
+            hs = rnd(4, n_rows // 4 + 1, d, grad=True)
+            p, _, _ = router.RouteSequences.apply(hs, w, bias, 0.5, torch.ones(hs.shape[:2], dtype=torch.bool))
+            p.sum().backward()
+        add(f"router backward N={n_rows} D={d}", backward)
 
-        # --- row kernels: decode (1 row), batch, prefill; Qwen 0.5B / 1.5B / 7B widths, odd.
-        for m, d in ((1, 896), (64, 1536), (4096, 896), (2048, 3584), (37, 100)):
-            def row_ops(m=m, d=d):
-                x, index = rnd(2 * m, d), idx(m, 2 * m)
-                rows.gather_rows(x, index, one, rnd(m, d))
-                rows.scatter_add_rows(x, rnd(m, d), index, one)
-                rows.gather_rmsnorm(x, index, one, rnd(d), 1e-6, rnd(m, d), rnd(m, d))
-                rows.add_rmsnorm(rnd(m, d), rnd(m, d), rnd(d), 1e-6, one)
-            add(f"rows {tag} M={m} D={d}", row_ops)
+    # --- row kernels: decode (1 row), batch, prefill; Qwen 0.5B / 1.5B / 7B widths, odd.
+    for m, d in pick([(1, 896), (64, 1536), (4096, 896), (2048, 3584), (37, 100)], short=(0, 2, 4)):
+        def row_ops(m=m, d=d):
+            x, index = rnd(2 * m, d), idx(m, 2 * m)
+            rows.gather_rows(x, index, one, rnd(m, d))
+            rows.scatter_add_rows(x, rnd(m, d), index, one)
+            rows.gather_rmsnorm(x, index, one, rnd(d), 1e-6, rnd(m, d), rnd(m, d))
+            rows.add_rmsnorm(rnd(m, d), rnd(m, d), rnd(d), 1e-6, one)
+        add(f"rows M={m} D={d}", row_ops)
 
-        # --- decode attention: (rows, q heads, KV heads, head dim, slots) of Qwen2.5-0.5B,
-        # 1.5B and 7B, and odd sizes.
-        for m, h, hkv, hd, s in ((1, 14, 2, 64, 2304), (8, 14, 2, 64, 512), (32, 12, 2, 128, 4096),
-                                 (1, 28, 4, 128, 300), (3, 6, 2, 24, 37)):
-            def attention(m=m, h=h, hkv=hkv, hd=hd, s=s):
-                batch = m + 1
-                decode_attention.decode_attention(
-                    rnd(m, h, hd), rnd(batch, hkv, s, hd), rnd(batch, hkv, s, hd),
-                    torch.ones(batch, s, dtype=torch.bool), idx(m, batch), one,
-                    torch.full((1,), s, dtype=torch.int64), hd ** -0.5, rnd(m, h, hd))
-            add(f"decode_attention {tag} M={m} H={h} HKV={hkv} D={hd} S={s}", attention)
+    # --- decode attention: (rows, q heads, KV heads, head dim, slots) of Qwen2.5-0.5B, 1.5B and
+    # 7B, and odd sizes.
+    for m, h, hkv, hd, s in pick([(1, 14, 2, 64, 2304), (8, 14, 2, 64, 512), (32, 12, 2, 128, 4096),
+                                  (1, 28, 4, 128, 300), (3, 6, 2, 24, 37)], short=(0, 2, 4)):
+        def attention(m=m, h=h, hkv=hkv, hd=hd, s=s):
+            batch = m + 1
+            decode_attention.decode_attention(
+                rnd(m, h, hd), rnd(batch, hkv, s, hd), rnd(batch, hkv, s, hd),
+                torch.ones(batch, s, dtype=torch.bool), idx(m, batch), one,
+                torch.full((1,), s, dtype=torch.int64), hd ** -0.5, rnd(m, h, hd))
+        add(f"decode_attention M={m} H={h} HKV={hkv} D={hd} S={s}", attention)
     return cases
 
 
@@ -236,7 +269,9 @@ def compile_cases(cases, arch: int, first_config: bool = False) -> dict:
         "autotuned_launches": len(recorder.autotuned),
         "autotuned_configs_unusable": sum(len(a["unusable"]) for a in recorder.autotuned),
         "unusable_examples": sorted({u for a in recorder.autotuned for u in a["unusable"]})[:10],
-        "oversized": recorder.oversized, "failures": failures,
+        "dtypes": {name: sorted(d) for name, d in sorted(recorder.dtypes.items())},
+        "oversized": recorder.oversized, "bound_violations": recorder.bound_violations,
+        "failures": failures,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -251,7 +286,7 @@ def main(argv=None) -> int:
     cases = [(name, thunk) for name, thunk in _cases(args.arch) if args.match in name]
     report = compile_cases(cases, args.arch, args.first_config)
     print(json.dumps(report))
-    return 1 if report["failures"] or report["oversized"] else 0
+    return 1 if report["failures"] or report["oversized"] or report["bound_violations"] else 0
 
 
 if __name__ == "__main__":
