@@ -21,15 +21,14 @@ Arguments are checked by layerroute_rt.ops.decode_attention.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from python_kernels import device as device_info
+
 BLOCK_S = 64
 MIN_RANGE = 2 * BLOCK_S    # slots a range holds at least: its partials cost G x D floats
-CPU_PROGRAMS = 16          # the target where there is no GPU (the interpreter): several ranges
 
 
 @triton.jit
@@ -121,18 +120,19 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, count_ptr, length_ptr, out_ptr, S, SPLI
     tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_PROGRAMS // 2
+def _stages(tile_bytes: int, device: torch.device) -> int:
+    """Pipeline stages of the slot loop: 3, or 2 where 3 may not fit the device's shared memory
+    (fp32 at head dim 128 on a 99 KB part). A bound of the kernel's use: (stages - 1) K and V
+    tiles plus 16 KiB, checked for sm_80, sm_89 and sm_90 by tests/triton_sm_compile.py."""
+    limit = device_info.shared_memory_limit(device)
+    return 3 if limit is None or 2 * tile_bytes + 16384 <= limit else 2
 
 
 def split_count(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """Slot ranges per (row, KV head): enough programs for twice the multiprocessors, each range
     at least MIN_RANGE slots."""
     blocks = triton.cdiv(max(slots, 1), MIN_RANGE)
-    wanted = triton.cdiv(2 * _multiprocessors(device), rows * kv_heads)
+    wanted = triton.cdiv(2 * device_info.multiprocessors(device), rows * kv_heads)
     return max(1, min(blocks, wanted))
 
 
@@ -152,6 +152,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     shapes = dict(H=H, HKV=HKV, G=G, D=D, SPLITS=splits, BLOCK_G=block_g, BLOCK_D=block_d)
     _partial_kernel[(M, HKV, splits)](
         q, k, v, valid.view(torch.uint8), index, count, length, m, l, acc, S, scale, split_len,
-        BLOCK_S=BLOCK_S, IEEE=q.dtype == torch.float32, num_warps=4, **shapes)
+        BLOCK_S=BLOCK_S, IEEE=q.dtype == torch.float32, num_warps=4,
+        num_stages=_stages(2 * BLOCK_S * block_d * q.element_size(), q.device), **shapes)
     _merge_kernel[(M, HKV)](m, l, acc, count, length, out, S, split_len, num_warps=4, **shapes)
     return out

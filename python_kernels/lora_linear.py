@@ -33,8 +33,9 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   to R for the timed runs and restore count and y after each. Autotuning runs on the first
   call of each shape: warm up before capturing a CUDA graph.
   The pruning also drops the configs that may not fit the device's shared memory (an upper
-  bound per config, checked against the compiled kernels for sm_80 and sm_90 by
-  tests/triton_sm_compile.py), so the first config of a set always fits.
+  bound per config, checked against the compiled kernels for sm_80, sm_89 and sm_90 by
+  tests/triton_sm_compile.py), or keeps one small fallback config where none may fit (fp32
+  on a part with 99 KB a program), so the first config of a set always fits.
   LAYERROUTE_TRITON_AUTOTUNE=0 skips the tuning: each shape takes the first config of its
   pruned set (for test runs, which would otherwise compile every config of every shape). Under
   TRITON_INTERPRET=1 there is one config, as autotuning in the interpreter would be slow.
@@ -64,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from python_kernels import device as device_info
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 # Row counts up to this take the decode (weight-streaming) configs.
 _DECODE_ROWS = 64
@@ -86,16 +89,16 @@ _PREFILL_CONFIGS = [
         (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     )
 ]
+# Where no config of a set may fit the device's shared memory (fp32 on a 99 KB part): a small
+# one that does, by row count as the sets are.
+_FALLBACK_CONFIGS = {
+    block_m: triton.Config({"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1},
+                           num_warps=4, num_stages=2)
+    for block_m in (16, 32, 64)
+} | {"prefill": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                              num_warps=4, num_stages=2)}
 # The interpreter's one config: small blocks, so the tests' odd sizes span several blocks.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
-
-
-@functools.cache
-def _shared_limit(device: torch.device) -> int | None:
-    """Bytes of shared memory one program may use on the device (None where unknown)."""
-    if device.type != "cuda":
-        return None
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def _shared_bound(config: triton.Config, elem_bytes: int, r_pad: int) -> int:
@@ -109,15 +112,16 @@ def _shared_bound(config: triton.Config, elem_bytes: int, r_pad: int) -> int:
 
 def _prune_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     """The decode configs (BLOCK_M covering all the rows) or the prefill ones, less those that
-    may not fit the device's shared memory (the smallest is kept if none is sure to); only the
-    first of them with LAYERROUTE_TRITON_AUTOTUNE=0."""
+    may not fit the device's shared memory (a small fallback config if none is sure to); only
+    the first of them with LAYERROUTE_TRITON_AUTOTUNE=0."""
     rows = named_args["M_BUCKET"]
-    pruned = _DECODE_CONFIGS[max(16, rows)] if rows <= _DECODE_ROWS else _PREFILL_CONFIGS
-    limit = _shared_limit(named_args["x_ptr"].device)
+    kind = max(16, rows) if rows <= _DECODE_ROWS else "prefill"
+    pruned = _PREFILL_CONFIGS if kind == "prefill" else _DECODE_CONFIGS[kind]
+    limit = device_info.shared_memory_limit(named_args["x_ptr"].device)
     if limit is not None:
         bound = functools.partial(_shared_bound, elem_bytes=named_args["x_ptr"].element_size(),
                                   r_pad=kwargs.get("R_PAD", 64))
-        pruned = [c for c in pruned if bound(c) <= limit] or [min(pruned, key=bound)]
+        pruned = [c for c in pruned if bound(c) <= limit] or [_FALLBACK_CONFIGS[kind]]
     return pruned[:1] if os.environ.get("LAYERROUTE_TRITON_AUTOTUNE", "1") == "0" else pruned
 
 

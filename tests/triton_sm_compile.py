@@ -80,10 +80,13 @@ class Recorder:
         self.bound_violations: list[str] = []  # lora_linear configs over its shared-memory bound
 
     def install(self) -> None:
-        from python_kernels import lora_linear
+        from python_kernels import device as device_info, lora_linear
 
         triton_driver.set_active(_TargetDriver(self.arch))
-        lora_linear._shared_limit = lambda device: MAX_SHARED[self.arch]   # the pruning's limit
+        # What the wrappers would read from the device: its shared memory (the lora_linear
+        # pruning, the decode attention's stages) and multiprocessors (the split count).
+        device_info.shared_memory_limit = lambda device: MAX_SHARED[self.arch]
+        device_info.multiprocessors = lambda device: MULTIPROCESSORS[self.arch]
         jit_run, recorder = JITFunction.run, self
 
         def run(fn, *args, grid, warmup, **kwargs):
@@ -138,12 +141,9 @@ class Recorder:
                                       f"{MAX_SHARED[self.arch]}")
 
 
-def _cases(arch: int):
+def _cases():
     """(name, thunk) for every launch configuration to compile: every shape in bf16 (the GPU's
     dtype), a shorter list in fp32 and fp16 (their own code paths: IEEE dots, no split u)."""
-    from python_kernels import decode_attention
-
-    decode_attention._multiprocessors = lambda device: MULTIPROCESSORS[arch]
     cases = []
     for dt in (torch.bfloat16, torch.float32, torch.float16):
         cases += _dtype_cases(dt, every_shape=dt == torch.bfloat16)
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                     help="autotuned kernels: compile only the first config their pruning keeps")
     ap.add_argument("--match", default="", help="only the cases whose name contains this")
     args = ap.parse_args(argv)
-    cases = [(name, thunk) for name, thunk in _cases(args.arch) if args.match in name]
+    cases = [(name, thunk) for name, thunk in _cases() if args.match in name]
     report = compile_cases(cases, args.arch, args.first_config)
     print(json.dumps(report))
     return 1 if report["failures"] or report["oversized"] or report["bound_violations"] else 0
