@@ -361,9 +361,10 @@ def _check_lora_linear(
         raise ValueError(f"{op}: `lora_A` and `lora_B` must both be tensors or both be None")
     if lora_A is not None:
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if t.dtype not in _ROW_DTYPES + (torch.float64,):
+            if t.dtype not in _ROW_DTYPES and not (t.dtype == x.dtype == torch.float64):
                 raise TypeError(
-                    f"{op}: `{name}` must be float32, float16, bfloat16 or float64, got {t.dtype}"
+                    f"{op}: `{name}` must be float32, float16 or bfloat16 (or float64 with a "
+                    f"float64 `x`), got {t.dtype}"
                 )
             _check_device(op, t, name, x, "x")
         if lora_A.dim() != 2 or lora_A.shape[0] == 0 or lora_A.shape[1] != k_in:

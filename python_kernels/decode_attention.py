@@ -120,12 +120,15 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, count_ptr, length_ptr, out_ptr, S, SPLI
     tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _stages(tile_bytes: int, device: torch.device) -> int:
+def _stages(q: torch.Tensor, block_g: int, block_d: int) -> int:
     """Pipeline stages of the slot loop: 3, or 2 where 3 may not fit the device's shared memory
-    (fp32 at head dim 128 on a 99 KB part). A bound of the kernel's use: (stages - 1) K and V
-    tiles plus 16 KiB, checked for sm_80, sm_89 and sm_90 by tests/triton_sm_compile.py."""
-    limit = device_info.shared_memory_limit(device)
-    return 3 if limit is None or 2 * tile_bytes + 16384 <= limit else 2
+    (fp32 at head dim 128 on a 99 KB part). The kernel's use is bounded by (stages - 1) K and V
+    tiles, the q tile, the scores in fp32 and 8 KiB; tests/triton_sm_compile.py checks that the
+    compiled kernels fit sm_80, sm_89 and sm_90."""
+    limit = device_info.shared_memory_limit(q.device)
+    e = q.element_size()
+    kv, rest = 2 * BLOCK_S * block_d * e, block_g * block_d * e + block_g * BLOCK_S * 4 + 8192
+    return 3 if limit is None or 2 * kv + rest <= limit else 2
 
 
 def split_count(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
@@ -153,6 +156,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     _partial_kernel[(M, HKV, splits)](
         q, k, v, valid.view(torch.uint8), index, count, length, m, l, acc, S, scale, split_len,
         BLOCK_S=BLOCK_S, IEEE=q.dtype == torch.float32, num_warps=4,
-        num_stages=_stages(2 * BLOCK_S * block_d * q.element_size(), q.device), **shapes)
+        num_stages=_stages(q, block_g, block_d), **shapes)
     _merge_kernel[(M, HKV)](m, l, acc, count, length, out, S, split_len, num_warps=4, **shapes)
     return out

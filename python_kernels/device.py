@@ -20,8 +20,14 @@ def multiprocessors(device: torch.device) -> int:
 
 @functools.cache
 def shared_memory_limit(device: torch.device) -> int | None:
-    """Bytes of shared memory one program may use on a CUDA device (the opt-in maximum);
-    None elsewhere or where torch does not say."""
+    """Bytes of shared memory one program may use on a CUDA device (the opt-in maximum, the
+    limit Triton checks a launch against); None elsewhere."""
     if device.type != "cuda":
         return None
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if limit is None:                               # an older torch: ask Triton's driver
+        from triton.runtime import driver
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        limit = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return limit

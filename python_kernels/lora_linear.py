@@ -89,8 +89,8 @@ _PREFILL_CONFIGS = [
         (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     )
 ]
-# Where no config of a set may fit the device's shared memory (fp32 on a 99 KB part): a small
-# one that does, by row count as the sets are.
+# Where no config of a set may fit the device's shared memory (fp32 on a 99 KB part, a large
+# rank): a small one, by row count as the sets are, its BLOCK_K halved until it fits.
 _FALLBACK_CONFIGS = {
     block_m: triton.Config({"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1},
                            num_warps=4, num_stages=2)
@@ -110,6 +110,15 @@ def _shared_bound(config: triton.Config, elem_bytes: int, r_pad: int) -> int:
     return config.num_stages * tiles + 8192
 
 
+def _fallback(kind, bound, limit: int) -> triton.Config:
+    """The set's fallback config, with BLOCK_K halved (down to 16) until its bound fits."""
+    config = _FALLBACK_CONFIGS[kind]
+    while bound(config) > limit and config.kwargs["BLOCK_K"] > 16:
+        config = triton.Config({**config.kwargs, "BLOCK_K": config.kwargs["BLOCK_K"] // 2},
+                               num_warps=config.num_warps, num_stages=config.num_stages)
+    return config
+
+
 def _prune_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     """The decode configs (BLOCK_M covering all the rows) or the prefill ones, less those that
     may not fit the device's shared memory (a small fallback config if none is sure to); only
@@ -121,7 +130,7 @@ def _prune_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     if limit is not None:
         bound = functools.partial(_shared_bound, elem_bytes=named_args["x_ptr"].element_size(),
                                   r_pad=kwargs.get("R_PAD", 64))
-        pruned = [c for c in pruned if bound(c) <= limit] or [_FALLBACK_CONFIGS[kind]]
+        pruned = [c for c in pruned if bound(c) <= limit] or [_fallback(kind, bound, limit)]
     return pruned[:1] if os.environ.get("LAYERROUTE_TRITON_AUTOTUNE", "1") == "0" else pruned
 
 

@@ -365,3 +365,23 @@ def test_float64_takes_the_torch_expression(monkeypatch, backend):
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda x, A, B: ops.lora_linear(x, args["weight"], args["bias"], A, B, args["scale"]), (x, A, B))
+
+
+@pytest.mark.parametrize("limit", [101376, 166912, 232448])       # sm_86/89, sm_80, sm_90
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_config_pruning_fits_the_shared_memory(monkeypatch, limit, dtype):
+    """Every config the pruning keeps, at every row count and rank, fits the device's shared
+    memory by the bound (which tests/triton_sm_compile.py checks against compiled kernels);
+    where no config of a set does, one fallback config with a smaller BLOCK_K is kept."""
+    from python_kernels import device as device_info
+    from python_kernels import lora_linear as kernel
+
+    monkeypatch.setattr(device_info, "shared_memory_limit", lambda device: limit)
+    x = torch.empty(1, 8, dtype=dtype)
+    for rows in (1, 16, 32, 64, 128, 4096):                          # M_BUCKET: powers of 2
+        for r_pad in (16, 32, 64, 128, 256):
+            kept = kernel._prune_configs(None, {"M_BUCKET": rows, "x_ptr": x}, R_PAD=r_pad)
+            assert kept
+            for config in kept:
+                assert rows > 64 or config.kwargs["BLOCK_M"] == max(16, rows)   # all rows
+                assert kernel._shared_bound(config, x.element_size(), r_pad) <= limit, (rows, r_pad, config)

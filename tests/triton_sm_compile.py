@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # The errors for which Triton's autotuner drops a config (any other stops the launch).
 SKIPPED_BY_AUTOTUNER = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
-# Streaming multiprocessors of the architecture's data-centre part (A100, H100 SXM): they set
-# decode_attention's split count, a constexpr.
+# Streaming multiprocessors of a part of each architecture (A100, RTX 3090, RTX 4090, H100
+# SXM): they set decode_attention's split count, a constexpr.
 MULTIPROCESSORS = {80: 108, 86: 84, 89: 128, 90: 132}
 
 
@@ -180,7 +180,9 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
         (8, 4864, 896, 8, False, False),   # decode, down_proj, every row (no list)
         (4096, 896, 1152, 8, True, False),  # prefill
         (37, 100, 75, 3, True, True),      # odd sizes
-    ], short=(1, 5, 6)):
+        (16, 896, 1152, 192, True, True),  # three stacked rank-64 adapters (the fallback config)
+        (2048, 896, 896, 64, False, False),  # rank 64 at prefill
+    ], short=(1, 5, 6, 8)):
         def launch(rows_m=rows_m, k=k, n=n, rank=rank, bias=bias, listed=listed):
             x = rnd(max(rows_m, 4), k)
             A = rnd(rank, k, dtype=torch.float32) if rank else None
