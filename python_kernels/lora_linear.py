@@ -26,9 +26,9 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   each column block) + 2 R_PAD/K (the B dots) to the tensor-core work, about 16% at
   BLOCK_N = 128, K = 896, where the unfused expression spends extra passes over x and y.
 - The configs are autotuned on the GPU, keyed by (rows rounded up to a power of 2, N, K, W's
-  layout, row list or not, LoRA or not and its padded rank) and pruned to the decode or prefill set by the row count. W's layout
-  (stride_wk: 1 for W, N for the backward's W^T view) keeps the dx launch of a square weight
-  from reusing the forward's tuning. A row-list launch is tuned on all its rows whatever its
+  layout, row list or not, LoRA or not and its padded rank) and pruned to the decode or
+  prefill set by the row count. W's layout (stride_wk: 1 for W, N for the backward's W^T view)
+  keeps the dx launch of a square weight from reusing the forward's tuning. A row-list launch is tuned on all its rows whatever its
   first call's count (a count of 0 would time empty launches): the tuning hooks set the count
   to R for the timed runs and restore count and y after each. Autotuning runs on the first
   call of each shape: warm up before capturing a CUDA graph.

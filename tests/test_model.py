@@ -270,13 +270,11 @@ def test_gradients_reach_routers_and_lora_only(tiny_dir):
 
 
 _INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"
-_TRITON_DEVICES = [
-    pytest.param("cpu", torch.float32, marks=pytest.mark.skipif(
-        not _INTERPRETED, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("cpu", torch.float16, marks=pytest.mark.skipif(
-        not _INTERPRETED, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
-] + [pytest.param("cuda", dt, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
-     for dt in (torch.float32, torch.float16, torch.bfloat16)]
+_ON_CPU = pytest.mark.skipif(not _INTERPRETED, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+_TRITON_DEVICES = ([pytest.param("cpu", dt, marks=_ON_CPU) for dt in (torch.float32, torch.float16)]
+                   + [pytest.param("cuda", dt, marks=_ON_CUDA)
+                      for dt in (torch.float32, torch.float16, torch.bfloat16)])
 
 
 @pytest.mark.parametrize("device,dtype", _TRITON_DEVICES)
