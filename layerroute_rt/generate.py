@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from . import ops
+from . import gguf_file, ops
 from .config import check_tau
 from .engine import DecodeState, InferenceModel
 from .flops import flops_report
@@ -53,7 +53,10 @@ class GenerationStream:
 # -- inputs ------------------------------------------------------------------------------------
 
 def checkpoint_tokenizer(directory):
-    """The tokenizer a checkpoint directory ships (transformers, local files only), or None."""
+    """The tokenizer a checkpoint directory ships (transformers, local files only), or a GGUF
+    file's, or None."""
+    if directory is not None and gguf_file.is_gguf(directory):
+        return gguf_file.tokenizer(directory)
     if directory is None or not any((Path(directory) / f).exists()
                                     for f in ("tokenizer.json", "tokenizer_config.json")):
         return None

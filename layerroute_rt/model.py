@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, ops
+from . import checkpoint, gguf_file, ops
 from .cache import KVCache
 from .config import BackboneConfig, LayerRouteConfig, check_tau
 
@@ -548,7 +548,8 @@ def _attention(q, k, v, mask=None):
 
 def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LayerRouteModel:
-    """Load a Hugging Face Qwen2 checkpoint directory as a frozen LayerRoute backbone.
+    """Load a Hugging Face Qwen2 checkpoint directory, or a Qwen2 GGUF file (dequantized to
+    `dtype`), as a frozen LayerRoute backbone.
 
     The module is built on the meta device and the checkpoint's tensors are assigned into it, read
     one at a time from the memory-mapped files (no full-precision copy of the model). Routers and
@@ -560,7 +561,8 @@ def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
         raise ValueError(f"load: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     if config is not None and not isinstance(config, LayerRouteConfig):
         raise TypeError(f"load: config must be a LayerRouteConfig, got {type(config).__name__}")
-    cfg = checkpoint.read_backbone_config(backbone_dir)
+    from_gguf = gguf_file.is_gguf(backbone_dir)
+    cfg = (gguf_file.read_backbone_config if from_gguf else checkpoint.read_backbone_config)(backbone_dir)
     if adapter is not None:
         stored = LayerRouteConfig.from_dict(checkpoint.read_adapter_config(adapter, cfg),
                                             source=f"{adapter}/{checkpoint.ADAPTER_CONFIG_FILE}")
@@ -575,8 +577,11 @@ def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
     with torch.device("meta"):
         model = LayerRouteModel(cfg, config)
     expected = checkpoint.expected_backbone_shapes(cfg)
-    tensors = checkpoint.load_backbone_tensors(backbone_dir, expected, dtype, device,
-                                               cfg.tie_word_embeddings)
+    if from_gguf:
+        tensors = gguf_file.load_tensors(backbone_dir, expected, dtype, device)
+    else:
+        tensors = checkpoint.load_backbone_tensors(backbone_dir, expected, dtype, device,
+                                                   cfg.tie_word_embeddings)
     model.load_state_dict(tensors, strict=False, assign=True)
     # Materialise the trainable parameters (still on meta) in float32 on the device.
     for name, p in list(model.named_parameters()):
@@ -586,7 +591,7 @@ def load(backbone_dir, adapter=None, config: LayerRouteConfig | None = None,
             setattr(model.get_submodule(module_name), attr,
                     nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device=device)))
     model.reset_adapter()
-    model.source_dir = Path(backbone_dir)       # where generate() finds the tokenizer
+    model.source_dir = Path(backbone_dir)       # where generate() finds the tokenizer (dir or .gguf)
     if adapter is not None:
         model.load_adapter(adapter)
     return model.eval()
