@@ -7,8 +7,9 @@ from .engine import InferenceModel
 from .flops import count_parameters, flops_report
 from .generate import GenerateOutput, GenerationStream, generate
 from .model import LayerRouteModel, load
+from .toolcalls import parse_tool_calls
 
 __all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
            "GenerationStream", "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "count_parameters",
-           "flops_report", "generate", "load"]
+           "flops_report", "generate", "load", "parse_tool_calls"]
 __version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""parse_tool_calls: Qwen's <tool_call> tags, fenced JSON and bare JSON, malformed calls reported."""
+from layerroute_rt.toolcalls import parse_tool_calls
+
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+
+
+def test_tool_call_tags():
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+            '</tool_call>')
+    assert parse_tool_calls(text) == [WEATHER]
+
+
+def test_several_tags_in_order_with_prose_between():
+    text = ('I will look both up.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            'and\n<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
+    assert parse_tool_calls(text) == [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]
+
+
+def test_unclosed_last_tag_runs_to_the_end():
+    assert parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {"x": 1}}') == \
+        [{"name": "a", "arguments": {"x": 1}}]
+
+
+def test_json_fence():
+    text = ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n'
+            '    "unit": "celsius"\n  }\n}\n```')
+    assert parse_tool_calls(text) == [WEATHER]
+
+
+def test_plain_fence_and_a_fence_in_another_language_is_left_alone():
+    text = ('```python\nf = {"name": "x", "arguments": {}}\n```\n'
+            '```\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n```')
+    assert parse_tool_calls(text) == [WEATHER]
+
+
+def test_fenced_list_of_calls():
+    text = '```json\n[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {"y": [1, 2]}}]\n```'
+    assert parse_tool_calls(text) == [{"name": "a", "arguments": {"x": 1}},
+                                      {"name": "b", "arguments": {"y": [1, 2]}}]
+
+
+def test_bare_json_in_prose():
+    text = 'Sure! {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}} Done.'
+    assert parse_tool_calls(text) == [WEATHER]
+
+
+def test_bare_list_and_bare_objects_on_separate_lines():
+    assert parse_tool_calls('[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]') == \
+        [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]
+    assert parse_tool_calls('{"name": "a", "arguments": {"x": 1}}\n{"name": "b", "arguments": {"x": 2}}') == \
+        [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {"x": 2}}]
+
+
+def test_bare_json_needs_name_and_arguments():
+    # a bare object with a "name" but no arguments is data, not a call
+    assert parse_tool_calls('The user is {"name": "Bob", "age": 3}.') == []
+
+
+def test_arguments_as_a_json_string_and_the_parameters_alias():
+    assert parse_tool_calls('{"name": "a", "arguments": "{\\"x\\": 1}"}') == [{"name": "a", "arguments": {"x": 1}}]
+    assert parse_tool_calls('```json\n{"name": "a", "parameters": {"x": 1}}\n```') == \
+        [{"name": "a", "arguments": {"x": 1}}]
+
+
+def test_openai_wrapper_is_unwrapped():
+    text = '<tool_call>{"type": "function", "function": {"name": "a", "arguments": "{}"}}</tool_call>'
+    assert parse_tool_calls(text) == [{"name": "a", "arguments": {}}]
+
+
+def test_all_three_forms_in_one_text_in_order():
+    text = ('```json\n{"name": "b", "arguments": {}}\n```\n<tool_call>{"name": "a", "arguments": {}}'
+            '</tool_call>\nthen {"name": "c", "arguments": {}}')
+    assert [c["name"] for c in parse_tool_calls(text)] == ["b", "a", "c"]
+
+
+def test_malformed_json_is_reported_not_raised():
+    calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {"x": 1,}}\n</tool_call>')
+    assert len(calls) == 1 and set(calls[0]) == {"error", "text"}
+    assert "not valid JSON" in calls[0]["error"] and '"x": 1,' in calls[0]["text"]
+
+
+def test_malformed_call_next_to_a_good_one():
+    text = ('<tool_call>{"name": "a", "arguments": {"x": }</tool_call>\n'
+            '<tool_call>{"name": "b", "arguments": {"x": 2}}</tool_call>')
+    calls = parse_tool_calls(text)
+    assert "error" in calls[0] and calls[1] == {"name": "b", "arguments": {"x": 2}}
+
+
+def test_truncated_bare_call_is_an_error_and_prose_braces_are_not():
+    calls = parse_tool_calls('Use {braces} here. {"name": "a", "arguments": {"x": 1}')
+    assert len(calls) == 1 and "error" in calls[0] and calls[0]["text"].startswith('{"name": "a"')
+    # a failing '[' before a good call does not swallow it
+    assert parse_tool_calls('[the call] {"name": "a", "arguments": {}}') == [{"name": "a", "arguments": {}}]
+
+
+def test_bad_fields_are_errors():
+    for body, needle in (('{"name": "", "arguments": {}}', "'name'"),
+                         ('{"name": "a", "arguments": [1]}', "'arguments'"),
+                         ('{"name": "a", "arguments": "{oops"}', "not valid JSON"),
+                         ('[]', "empty list"),
+                         ('"just a string"', "expected a call object")):
+        calls = parse_tool_calls(f"<tool_call>{body}</tool_call>")
+        assert len(calls) == 1 and needle in calls[0]["error"], (body, calls)
+
+
+def test_no_call_at_all():
+    assert parse_tool_calls("I cannot help with that: no function fits.") == []
+    assert parse_tool_calls("") == []
+    assert parse_tool_calls("Here is code:\n```python\nprint({'a': 1})\n```") == []
+
+
+def test_not_a_string_is_an_error():
+    assert "expected generated text" in parse_tool_calls(None)[0]["error"]
