@@ -16,8 +16,16 @@ import torch
 from .config import BackboneConfig, LayerRouteConfig
 
 
-def count_parameters(backbone: BackboneConfig, lr: LayerRouteConfig) -> dict[str, int]:
-    """Parameter counts: routers, lora, trainable (their sum) and the frozen backbone."""
+def count_parameters(backbone, lr: LayerRouteConfig) -> dict[str, int]:
+    """Parameter counts: routers, lora, trainable (their sum) and the frozen backbone.
+
+    backbone: a BackboneConfig, or a transformers config of a Qwen2 model (e.g. a
+    `transformers.Qwen2Config`, or `AutoConfig.from_pretrained(dir)`), read through its to_dict()."""
+    if not isinstance(backbone, BackboneConfig):
+        if not callable(getattr(backbone, "to_dict", None)):
+            raise TypeError(f"count_parameters: backbone must be a BackboneConfig or a transformers "
+                            f"config, got {type(backbone).__name__}")
+        backbone = BackboneConfig.from_dict(backbone.to_dict(), source=type(backbone).__name__)
     shapes = backbone.linear_shapes()
     layers = backbone.num_hidden_layers
     d, v = backbone.hidden_size, backbone.vocab_size
@@ -46,13 +54,15 @@ class FlopsReport:
 
 
 def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch.Tensor,
-                 context: torch.Tensor, valid: torch.Tensor | None = None) -> FlopsReport:
+                 context: torch.Tensor, valid: torch.Tensor | None = None,
+                 router_blocks: int | None = None) -> FlopsReport:
     """FLOPs of a forward pass given its decisions.
 
     executed [L, B, T] bool: token (b, t) ran block l. context [B, T]: how many keys the token
     attends to (its position + 1 for a causal model; under "drop" we still count the dense
     context, an upper bound on what a skipped token would have cost). valid [B, T]: real tokens
-    (padding costs nothing); default all.
+    (padding costs nothing); default all. router_blocks: how many blocks ran their router
+    (default all; a decode step at tau 0 runs none, and none for a block in skip_layers).
     """
     shapes = backbone.linear_shapes()
     d = backbone.hidden_size
@@ -61,11 +71,12 @@ def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch
     n_tokens = float(valid.sum())
     ctx = float((context.double() * valid).sum())
     layers = backbone.num_hidden_layers
+    routed = layers if router_blocks is None else router_blocks
     per_block_dense = 2.0 * weights * n_tokens + 4.0 * backbone.q_dim * ctx
     if lr.granularity == "sequence":   # one decision per sequence and block, at its prefill
-        router = 2.0 * d * float(valid.any(1).sum()) * layers
+        router = 2.0 * d * float(valid.any(1).sum()) * routed
     else:
-        router = 2.0 * d * n_tokens * layers
+        router = 2.0 * d * n_tokens * routed
     kv_proj = 2.0 * 2 * d * backbone.kv_dim
     ran = executed.bool() & valid[None]
     ran_tokens = float(ran.sum())

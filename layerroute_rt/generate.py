@@ -20,7 +20,7 @@ import torch
 from . import gguf_file, ops
 from .config import check_tau
 from .engine import DecodeState, InferenceModel
-from .flops import flops_report
+from .flops import FlopsReport, flops_report
 from .model import LayerRouteModel
 
 CACHE_BUCKET = 64      # cache lengths are rounded up to this, so graphs are reused across calls
@@ -318,7 +318,11 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     sequence of the batch), decode_ms_per_token (per step over the batch size: the same at
     batch 1), decode_steps, new_tokens, skip_rate_per_layer
     (fraction of the real tokens, prompt and fed-back, that skipped each block),
-    block_flops_skipped_pct and total_flops_skipped_pct over those tokens, cuda_graph.
+    block_flops_skipped_pct and total_flops_skipped_pct over those tokens (routers charged on
+    every block), generated_block_flops_skipped_pct and generated_total_flops_skipped_pct over
+    the generated tokens alone (see generated_flops: the decode steps, each fed token of each
+    sequence once, its last token excluded since no step fed it; routers charged only where a
+    decode step ran them; None when no decode step ran), cuda_graph.
     """
     engine = model if isinstance(model, InferenceModel) else InferenceModel(_check_model(model))
     stop = [stop] if isinstance(stop, str) else stop
@@ -430,7 +434,8 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
     _sync(device)
     decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
     return _output(engine, host, tok, exec_prompt, exec_hist[:steps], mask, prefill_ms,
-                   decode_ms if steps else None, runner.graph is not None)
+                   decode_ms if steps else None, runner.graph is not None,
+                   decode_router_blocks(engine, runner.tau, runner.skip))
 
 
 def _stopped(tok, tokens: list[int], stop) -> bool:
@@ -438,8 +443,29 @@ def _stopped(tok, tokens: list[int], stop) -> bool:
     return any(s in text for s in stop)
 
 
+def decode_router_blocks(engine: InferenceModel, tau: float, skip: frozenset[int]) -> int:
+    """How many blocks run their router in a decode step: none at tau 0 or under `sequence`
+    granularity (decided at prefill), else every block outside skip_layers."""
+    if tau == 0.0 or engine.lr_config.granularity == "sequence":
+        return 0
+    return engine.config.num_hidden_layers - len(skip)
+
+
+def generated_flops(engine: InferenceModel, executed: torch.Tensor, valid: torch.Tensor,
+                    prompt_width: int, router_blocks: int) -> FlopsReport:
+    """FLOPs of the forward passes that fed generated tokens: the decode steps, columns
+    prompt_width.. of a GenerateOutput's executed [L, B, T + steps] and valid [B, T + steps]
+    (a sequence's tokens up to its last one, which no step fed; the first new token, made by
+    prefill, is the first one fed). Prompt tokens are left out; each fed token attends to its
+    whole context (prompt included)."""
+    fed = valid.clone()
+    fed[:, :prompt_width] = False
+    return flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), fed,
+                        router_blocks=router_blocks)
+
+
 def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decode_ms,
-            graph) -> GenerateOutput:
+            graph, router_blocks: int) -> GenerateOutput:
     B, steps = mask.shape[0], exec_hist.shape[0]
     # Decode step j fed new token j of each sequence; it counts for a sequence that kept that
     # token and went on (j < its length - 1).
@@ -452,6 +478,7 @@ def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decod
     cfg, lr = engine.config, engine.lr_config
     report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
     n_real = valid.sum().clamp(min=1)
+    generated = generated_flops(engine, executed, valid, mask.shape[1], router_blocks)
     stats = {
         "prefill_ms": prefill_ms,
         "decode_ms_per_step": decode_ms,
@@ -461,6 +488,8 @@ def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decod
         "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),
         "block_flops_skipped_pct": report.block_skipped_pct,
         "total_flops_skipped_pct": report.total_skipped_pct,
+        "generated_block_flops_skipped_pct": generated.block_skipped_pct if steps else None,
+        "generated_total_flops_skipped_pct": generated.total_skipped_pct if steps else None,
         "cuda_graph": graph,
     }
     text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None

@@ -1,5 +1,7 @@
-"""FLOPs accounting against hand-computed values (DESIGN.md section 1)."""
+"""FLOPs accounting against hand-computed values (DESIGN.md section 1), and parameter counts."""
+import pytest
 import torch
+import transformers
 
 import layerroute_rt as lr
 
@@ -52,3 +54,35 @@ def test_sequence_routers_run_once_per_sequence():
     token = lr.flops_report(CFG, lr.LayerRouteConfig(granularity="token"), executed, context)
     seq = lr.flops_report(CFG, lr.LayerRouteConfig(granularity="sequence"), executed, context)
     assert token.block_flops_run - seq.block_flops_run == 2 * 8 * 2 * (6 - 2)
+
+
+def test_router_blocks_charges_only_the_routers_that_ran():
+    executed = torch.ones(2, 1, 3, dtype=torch.bool)
+    context = torch.tensor([[1, 2, 3]])
+    every = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context)
+    none = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, router_blocks=0)
+    one = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, router_blocks=1)
+    assert none.block_flops_run == none.block_flops and none.block_skipped_pct == 0.0
+    assert every.block_flops_run - one.block_flops_run == one.block_flops_run - none.block_flops_run == 2 * 8 * 3
+
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0)
+
+
+def test_count_parameters_of_a_transformers_config():
+    cfg = lr.LayerRouteConfig()
+    tied = lr.count_parameters(transformers.Qwen2Config(**QWEN25_05B, tie_word_embeddings=True), cfg)
+    assert tied == {"routers": 21_528, "lora": 1_081_344, "trainable": 1_102_872, "backbone": 494_032_768}
+    assert tied == lr.count_parameters(lr.BackboneConfig(**QWEN25_05B, tie_word_embeddings=True), cfg)
+    # Qwen2.5-Coder-0.5B-Instruct as shipped in GGUF: an lm_head of its own (vocab x hidden more)
+    untied = lr.count_parameters(transformers.Qwen2Config(**QWEN25_05B, tie_word_embeddings=False), cfg)
+    assert untied["backbone"] == 494_032_768 + 151_936 * 896 == 630_167_424
+    assert untied["trainable"] == tied["trainable"]
+
+
+def test_count_parameters_errors():
+    with pytest.raises(TypeError, match="BackboneConfig or a transformers config, got dict"):
+        lr.count_parameters({"hidden_size": 8}, lr.LayerRouteConfig())
+    with pytest.raises(ValueError, match="LlamaConfig: unsupported model_type 'llama'"):
+        lr.count_parameters(transformers.LlamaConfig(), lr.LayerRouteConfig())
