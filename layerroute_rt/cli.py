@@ -4,6 +4,7 @@
     layerroute generate --model DIR [--adapter DIR] --prompt TEXT [--prompt TEXT ...] [--stream] ...
     layerroute train --model DIR --out DIR [--data FILE | --synthetic N] [--resume] ...
     layerroute eval  --model DIR --out DIR (--adapter DIR | --seeds 0 1 2) [--data FILE] ...
+    layerroute eval  --bfcl CATEGORY[:N] [--bfcl ...] --model DIR|FILE.gguf [--adapter DIR] [--out DIR]
 
 demo: load a Qwen2 checkpoint directory (without --model, the bundled demo model and its adapter),
 generate, and print the tokens with the per-layer skip map, the FLOPs skipped and the time per
@@ -16,6 +17,10 @@ trajectory and the held-out part is never trained on.
 eval: per step type, on the held-out split and on its length-matched split: skip rate, FLOPs
 skipped, perplexity of the frozen base and of base + adapter; with --seeds, trains one adapter per
 seed and reports the skip differential's mean, std and 95% interval (eval.json, eval.md, PNG).
+eval --bfcl: BFCL tool-call accuracy (BFCL's AST check) and the FLOPs skipped on the generated
+tokens, for the frozen base, base + LoRA (tau 0) and base + LoRA + routing (bfcl_eval.py); N cases
+of a category are the first N of its held-out order (data.bfcl.split_ids with --heldout-seed), so
+an adapter trained on the rest of a split holding out at least N never saw them (bfcl_eval.json).
 """
 from __future__ import annotations
 
@@ -262,10 +267,74 @@ def train_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bfcl_cases(args: argparse.Namespace) -> tuple[Path, list]:
+    """The BFCL data directory and the cases the --bfcl arguments name."""
+    from .data import bfcl
+    from .real_model import fetch_bfcl
+
+    data_dir = Path(args.bfcl_dir) if args.bfcl_dir else fetch_bfcl()
+    cases, seen = [], set()
+    for spec in args.bfcl:
+        category, sep, count = spec.partition(":")
+        if category in seen:
+            raise ValueError(f"--bfcl {spec!r}: category {category!r} is given twice")
+        seen.add(category)
+        if sep and not (count.isdigit() and int(count) >= 1):
+            raise ValueError(f"--bfcl {spec!r}: expected CATEGORY or CATEGORY:N with N a positive integer")
+        found = bfcl.load_category(data_dir, category)
+        if sep:
+            if int(count) > len(found):
+                raise ValueError(f"--bfcl {spec!r}: {category} has {len(found)} cases")
+            found = bfcl.split_ids(found, heldout=int(count), seed=args.heldout_seed)[1]
+        cases += found
+    return data_dir, cases
+
+
+def _check_bfcl_heldout(adapter: Path, cases: list) -> None:
+    """Refuse to evaluate an adapter on BFCL cases its training run records as trained on."""
+    record = adapter.parent / DATA_RECORD
+    trained = set(json.loads(record.read_text(encoding="utf-8")).get("trained_trajectories", [])) \
+        if record.is_file() else set()
+    seen = sorted({c.id for c in cases} & trained)
+    if seen:
+        raise ValueError(f"eval: {len(seen)} BFCL cases were used to train {adapter} (per {record}; "
+                         f"e.g. {seen[:3]}); evaluate other cases (--heldout-seed, a smaller N)")
+
+
+def bfcl_eval_cmd(args: argparse.Namespace) -> int:
+    from .bfcl_eval import evaluate_bfcl, markdown_table
+
+    data_dir, cases = _bfcl_cases(args)
+    if args.adapter:
+        _check_bfcl_heldout(Path(args.adapter), cases)
+    model = load(args.model, adapter=args.adapter, device=args.device, dtype=DTYPES[args.dtype])
+    _apply_runtime_flags(model, args)
+    print(f"eval --bfcl: {len(cases)} cases from {data_dir}; settings {', '.join(args.settings)}")
+    result = evaluate_bfcl(model, cases, settings=args.settings, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.eval_batch_size, progress=print)
+    report = {"model": str(args.model), "adapter": args.adapter, "bfcl_dir": str(data_dir),
+              "heldout_seed": args.heldout_seed, "bfcl": args.bfcl,
+              "layerroute_config": model.lr_config.to_dict(), **result}
+    print(markdown_table(result))
+    for setting, r in result["settings"].items():
+        print(f"{setting}: {r['seconds']:.0f} s, {r['seconds'] / r['all']['n']:.1f} s per case "
+              f"({args.device}, {args.dtype}, batch {args.eval_batch_size})")
+    if args.out:
+        path = Path(args.out) / "bfcl_eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(path, report)
+        print(f"eval: {path} written")
+    return 0
+
+
 def eval_cmd(args: argparse.Namespace) -> int:
     from .data import collate, split_stats
     from .evaluate import aggregate, evaluate, markdown, run_seeds, write_report
 
+    if args.bfcl:
+        return bfcl_eval_cmd(args)
+    if not args.out:
+        raise ValueError("eval: --out DIR is required (except with --bfcl)")
     model_dir = Path(args.model)
     train_examples, splits, _ = _experiment_data(args, model_dir)
     if args.seeds:
@@ -291,9 +360,10 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a Hugging Face Qwen2 checkpoint directory with its tokenizer")
-    p.add_argument("--out", required=True, help="output directory")
+def _data_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face Qwen2 checkpoint directory with its "
+                                                   "tokenizer, or a Qwen2 GGUF file")
+    p.add_argument("--out", required=out_required, help="output directory")
     p.add_argument("--data", help="a data file (OpenAI, ShareGPT, Hermes, Glaive or xLAM); default: synthetic")
     p.add_argument("--format", default="auto")
     p.add_argument("--synthetic", type=int, default=2000, help="synthetic trajectories when no --data")
@@ -350,11 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     _data_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.set_defaults(func=train_cmd)
-    p = sub.add_parser("eval", help="evaluate by step type (and train several seeds with --seeds)")
-    _data_args(p)
+    p = sub.add_parser("eval", help="evaluate by step type (and train several seeds with --seeds), "
+                                    "or on BFCL with --bfcl")
+    _data_args(p, out_required=False)
     p.add_argument("--adapter", help="the adapter to evaluate")
     p.add_argument("--seeds", type=int, nargs="+", help="train and evaluate one adapter per seed")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--bfcl", action="append", metavar="CATEGORY[:N]",
+                   help="a BFCL category (repeatable); :N takes its first N held-out cases")
+    p.add_argument("--bfcl-dir", help="BFCL's data directory (default: real_model.fetch_bfcl()'s cache)")
+    p.add_argument("--heldout-seed", type=int, default=0, help="seed of the BFCL held-out order")
+    p.add_argument("--settings", nargs="+", choices=("base", "lora", "routed"),
+                   default=["base", "lora", "routed"], help="BFCL settings to run")
+    p.add_argument("--max-new-tokens", type=int, help="BFCL: new tokens per case (default: by category)")
     p.set_defaults(func=eval_cmd)
     args = parser.parse_args(argv)
     try:

@@ -16,3 +16,20 @@ def tiny(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny")
     return path, save_random_qwen2(path)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The real model's Hugging Face directory (Qwen2.5-Coder-0.5B-Instruct, bf16), fetched and
+    converted once into the cache (instant when cached)."""
+    from layerroute_rt.real_model import fetch_model
+
+    return fetch_model()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    """The real model loaded once per session in fp32, fresh adapter (LoRA off in effect: B = 0)."""
+    import layerroute_rt as lr
+
+    return lr.load(real_model_dir, dtype=torch.float32)
