@@ -182,6 +182,8 @@ class TrainOutput:
     probs: torch.Tensor         # router probabilities [L, B, T] (sequence: broadcast over T)
     executed: torch.Tensor      # hard decisions [L, B, T] bool (padding: False)
     token_ce: torch.Tensor | None = None   # [B, T]: CE of the label at t (0 where not scored)
+    scored_logits: torch.Tensor | None = None  # [N, vocab]: the logits of the N scored positions
+    distill: torch.Tensor | None = None    # KL(teacher || model) over the scored positions
 
 
 class LayerRouteModel(nn.Module):
@@ -314,7 +316,9 @@ class LayerRouteModel(nn.Module):
     def train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                       route_mask: torch.Tensor | None = None, tau: float | None = None,
-                      skip_layers=None, full_logits: bool = True) -> TrainOutput:
+                      skip_layers=None, full_logits: bool = True,
+                      teacher_logits: torch.Tensor | None = None,
+                      distill_weight: float = 0.0) -> TrainOutput:
         """Autograd path: every token computes every block; straight-through hard gates.
 
         labels [B, T]: the next-token targets are labels[:, 1:] for logits[:, :-1]; loss_mask
@@ -323,6 +327,10 @@ class LayerRouteModel(nn.Module):
         whose p counts in the gate term (default: attention_mask); under `sequence` each
         sequence counts once in the gate term. full_logits=False (with labels) computes the
         logits only where a label is scored: out.logits is then None, out.token_ce has the loss.
+        out.scored_logits holds the logits of the scored positions (in order, row-major), so a
+        no-grad call gives a teacher's: with teacher_logits [N, vocab] from such a call, the loss
+        adds distill_weight x KL(softmax(teacher) || softmax(logits)), the mean over the scored
+        positions (self-distillation, e.g. from the frozen dense model).
         """
         cfg, lr = self.config, self.lr_config
         tau, skip = self._tau(tau), self._skip_set(skip_layers)
@@ -359,7 +367,7 @@ class LayerRouteModel(nn.Module):
             seqs = route.any(1).float()
             mean_p = (probs_t[:, :, 0] * seqs).sum() / (seqs.sum().clamp(min=1) * len(self.blocks))
         gate_loss = mean_p if lr.target_rate is None else (mean_p - lr.target_rate) ** 2
-        ce = loss = token_ce = None
+        ce = loss = token_ce = scored = distill = None
         logits = self._logits(h) if full_logits or labels is None else None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -378,7 +386,16 @@ class LayerRouteModel(nn.Module):
             token_ce[:, 1:][tgt_mask] = ce_sel
             ce = ce_sel.sum() / tgt_mask.sum().clamp(min=1)
             loss = ce + lr.gate_lambda * gate_loss
-        return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce)
+            if teacher_logits is not None:
+                if teacher_logits.shape != scored.shape:
+                    raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal the "
+                                     f"scored logits' {tuple(scored.shape)} (one row per scored position)")
+                distill = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
+                                   F.log_softmax(_at_least_fp32(teacher_logits), -1),
+                                   log_target=True, reduction="batchmean")
+                loss = loss + distill_weight * distill
+        return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce,
+                           None if labels is None else scored, distill)
 
     def _block_dense(self, block: Block, h, cos, sin, mask) -> torch.Tensor:
         """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom

@@ -13,6 +13,7 @@ the seed and the step).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -46,6 +47,14 @@ class TrainConfig:
     checkpoint_every: int = 200
     max_bad_steps: int = 10
     seed: int = 0
+    # Quality-keeping additions to CE + gate term (all off by default: the method's recipe).
+    distill_weight: float = 0.0     # + w x KL(teacher || model) on the step tokens
+    distill_teacher: str = "base"   # "base": the frozen dense backbone (no LoRA, tau 0);
+                                    # "self": this model run dense (tau 0), detached
+    gate_on: str = "all"            # token granularity: "all" tokens or only the "step" tokens
+                                    # count in the gate term
+    never_skip: tuple[int, ...] = ()   # blocks whose routers are pinned to run (p = 1), untrained
+    router_lr: float | None = None  # the routers' learning rate (default: lr)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
@@ -56,6 +65,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0 or self.max_bad_steps < 0:
             raise ValueError("TrainConfig.warmup_steps and max_bad_steps must be >= 0")
+        if self.distill_weight < 0:
+            raise ValueError(f"TrainConfig.distill_weight must be >= 0, got {self.distill_weight!r}")
+        if self.distill_teacher not in ("base", "self"):
+            raise ValueError(f"TrainConfig.distill_teacher must be 'base' or 'self', got {self.distill_teacher!r}")
+        if self.gate_on not in ("all", "step"):
+            raise ValueError(f"TrainConfig.gate_on must be 'all' or 'step', got {self.gate_on!r}")
+        object.__setattr__(self, "never_skip", tuple(self.never_skip))
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.never_skip):
+            raise ValueError(f"TrainConfig.never_skip must be block indices >= 0, got {self.never_skip!r}")
+        if self.router_lr is not None and not self.router_lr > 0:
+            raise ValueError(f"TrainConfig.router_lr must be > 0, got {self.router_lr!r}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,11 +106,12 @@ def _batch_indices(n_examples: int, step: int, cfg: TrainConfig) -> list[list[in
     return [flat[i:i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
 
-def route_mask(batch: dict, granularity: str) -> torch.Tensor | None:
+def route_mask(batch: dict, granularity: str, gate_on: str = "all") -> torch.Tensor | None:
     """The tokens a `sequence` router averages: the step's context (the prompt), as at
-    inference, where the decision is made when the prompt is prefilled. None for `token`."""
+    inference, where the decision is made when the prompt is prefilled. Under `token`: the tokens
+    whose p counts in the gate term, None for all of them, the step's own with gate_on "step"."""
     if granularity != "sequence":
-        return None
+        return batch["loss_mask"].bool() if gate_on == "step" else None
     attn = batch["attention_mask"].bool()
     context = attn & ~batch["loss_mask"].bool()
     return torch.where(context.any(1, keepdim=True), context, attn)   # no context: the step
@@ -111,8 +132,13 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = model.model.embed_tokens.weight.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pin_routers(model, cfg.never_skip)
+    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    params = routers + lora
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr},
+                             {"params": routers, "lr": cfg.router_lr or cfg.lr}],
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     start, bad_steps = 0, 0
     run = {"layerroute_config": model.lr_config.to_dict(), "n_examples": len(examples),
@@ -134,23 +160,28 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     for step in bar:
         opt.zero_grad(set_to_none=True)
         lr_now = sched.get_last_lr()[0]
-        totals = torch.zeros(4, dtype=torch.float64)      # loss, ce, gate, skip rate
+        totals = torch.zeros(5, dtype=torch.float64)      # loss, ce, gate, skip rate, distill
         for micro in _batch_indices(len(examples), step, cfg):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                      for k, v in collate([examples[i] for i in micro]).items()}
+            args = dict(labels=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        loss_mask=batch["loss_mask"],
+                        route_mask=route_mask(batch, model.lr_config.granularity, cfg.gate_on),
+                        full_logits=False)
             with autocast:
-                res = model.train_forward(batch["input_ids"], labels=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"],
-                                          loss_mask=batch["loss_mask"],
-                                          route_mask=route_mask(batch, model.lr_config.granularity),
-                                          full_logits=False)
+                teacher = _teacher_logits(model, batch["input_ids"], args, cfg) \
+                    if cfg.distill_weight > 0 else None
+                res = model.train_forward(batch["input_ids"], teacher_logits=teacher,
+                                          distill_weight=cfg.distill_weight, **args)
             (res.loss / cfg.grad_accum).backward()
             scored = batch["attention_mask"].bool() & batch["loss_mask"].bool()
             skip = 1.0 - res.executed[:, scored].float().mean()       # on the steps' own tokens
+            distill = res.distill.detach() if res.distill is not None else torch.zeros((), device=device)
             totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
-                                   res.gate_loss.detach().double(), skip.double()]).cpu()
+                                   res.gate_loss.detach().double(), skip.double(),
+                                   distill.double()]).cpu()
         totals /= cfg.grad_accum
-        loss, ce, gate, skip = totals.tolist()
+        loss, ce, gate, skip, distill = totals.tolist()
         # One norm over all gradients: it clips, and it is not finite iff some gradient is not.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         finite = math.isfinite(loss) and bool(torch.isfinite(norm))
@@ -166,7 +197,7 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                     f"max_bad_steps={cfg.max_bad_steps}); last good checkpoint in {out / CHECKPOINT_DIR}")
         sched.step()
         row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
-               "lr": lr_now, "skipped_update": int(not finite)}
+               "distill": distill, "lr": lr_now, "skipped_update": int(not finite)}
         _append_log(out / LOG_FILE, row)
         bar.set_postfix(loss=f"{loss:.3f}", skip=f"{skip:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -174,6 +205,30 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     model.save_adapter(out / "adapter")
     checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
     return row
+
+
+def pin_routers(model: LayerRouteModel, blocks: Sequence[int]) -> None:
+    """The routers of `blocks` always run their block (weight 0, bias 30: p = 1 in float32, which
+    passes every tau in [0, 1]) and are left out of training."""
+    bad = [i for i in blocks if not 0 <= i < len(model.blocks)]
+    if bad:
+        raise ValueError(f"never_skip: blocks {bad} do not exist (the model has {len(model.blocks)})")
+    with torch.no_grad():
+        for i in blocks:
+            router = model.blocks[i].router
+            router.weight.zero_()
+            router.bias.fill_(30.0)
+            router.requires_grad_(False)
+
+
+@torch.no_grad()
+def _teacher_logits(model: LayerRouteModel, input_ids: torch.Tensor, args: dict,
+                    cfg: TrainConfig) -> torch.Tensor:
+    """The distillation teacher's logits on the scored positions: the model run dense (tau 0),
+    with its LoRA ("self") or without it ("base": the frozen backbone)."""
+    context = model.adapter_disabled() if cfg.distill_teacher == "base" else contextlib.nullcontext()
+    with context:
+        return model.train_forward(input_ids, tau=0.0, **args).scored_logits
 
 
 def _truncate_log(path: Path, step: int) -> None:

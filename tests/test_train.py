@@ -201,3 +201,70 @@ def test_schedule_and_config_errors():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="TrainConfig.lr must be > 0"):
         TrainConfig(lr=0.0)
+
+
+# -- the quality-keeping additions: self-distillation, gate on step tokens, pinned blocks ------
+
+def test_distill_is_the_kl_to_the_teacher(backbone):
+    """KL(teacher || model) on the scored positions: 0 against itself, equal to the explicit sum
+    against another teacher, and its weight scales what it adds to the loss."""
+    model = lr.load(backbone)
+    model.randomize_adapter(seed=3)
+    b = collate(toy_examples(4))
+    args = dict(labels=b["input_ids"], attention_mask=b["attention_mask"], loss_mask=b["loss_mask"],
+                full_logits=False)
+    with torch.no_grad():
+        own = model.train_forward(b["input_ids"], **args).scored_logits
+        with model.adapter_disabled():
+            base = model.train_forward(b["input_ids"], tau=0.0, **args).scored_logits
+    same = model.train_forward(b["input_ids"], teacher_logits=own, distill_weight=1.0, **args)
+    assert float(same.distill) == pytest.approx(0.0, abs=1e-6)
+    out = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=0.5, **args)
+    p_t = torch.softmax(base.double(), -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(out.scored_logits.double(), -1))).sum(-1).mean()
+    assert float(out.distill) == pytest.approx(float(kl), rel=1e-4)
+    assert float(out.distill) > 1e-3
+    lr_cfg = model.lr_config
+    assert float(out.loss) == pytest.approx(float(out.ce + lr_cfg.gate_lambda * out.gate_loss
+                                                  + 0.5 * out.distill), rel=1e-5)
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        model.train_forward(b["input_ids"], teacher_logits=base[:-1], distill_weight=1.0, **args)
+
+
+def test_gate_on_step_counts_only_the_step_tokens(backbone):
+    model = lr.load(backbone)
+    model.randomize_adapter(seed=1)
+    b = collate(toy_examples(4))
+    mask = train_mod.route_mask(b, "token", "step")
+    assert torch.equal(mask, b["loss_mask"].bool())
+    assert train_mod.route_mask(b, "token", "all") is None
+    with torch.no_grad():
+        out = model.train_forward(b["input_ids"], attention_mask=b["attention_mask"], route_mask=mask)
+    expected = (out.probs * mask.float()).sum() / (mask.sum() * len(model.blocks))
+    assert float(out.gate_loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_never_skip_pins_routers_and_trains_the_rest(backbone, tmp_path):
+    model = lr.load(backbone, config=lr.LayerRouteConfig(gate_lambda=5.0))
+    model.randomize_adapter(seed=2)                 # routers that skip: the teachers differ
+    before = {n: p.detach().clone() for n, p in model.adapter_state_dict().items()}
+    cfg = TrainConfig(steps=6, **CFG, never_skip=(1,), router_lr=1e-2, gate_on="step",
+                      distill_weight=0.5, distill_teacher="self")
+    train(model, toy_examples(), collate, tmp_path / "run", cfg, progress=False)
+    router = model.blocks[1].router
+    assert float(router.bias) == 30.0 and not router.weight.any()
+    b = collate(toy_examples(8))
+    with torch.no_grad():
+        out = model.train_forward(b["input_ids"], attention_mask=b["attention_mask"], tau=1.0)
+    assert out.executed[1][b["attention_mask"].bool()].all()        # runs even at tau 1
+    after = model.adapter_state_dict()
+    assert not torch.equal(after["model.layers.0.router.bias"], before["model.layers.0.router.bias"])
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert all(r["distill"] >= 0 for r in rows) and any(r["distill"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="never_skip"):
+        train(lr.load(backbone), toy_examples(), collate, tmp_path / "bad",
+              TrainConfig(steps=1, **CFG, never_skip=(7,)), progress=False)
+    for bad in (dict(distill_weight=-1.0), dict(distill_teacher="x"), dict(gate_on="ctx"),
+                dict(router_lr=0.0), dict(never_skip=(-1,))):
+        with pytest.raises(ValueError, match="TrainConfig"):
+            TrainConfig(**bad)

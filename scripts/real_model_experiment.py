@@ -1,0 +1,222 @@
+"""The method on the real Qwen2.5-Coder-0.5B-Instruct, on the CPU, with a reduced recipe.
+
+Stages (each writes under --work, default ~/.cache/layerroute_rt/runs/real; nothing large goes
+into the repository):
+
+  planning  the dense model's own plans for BFCL training questions (greedy, generated once and
+            cached as JSONL: the natural-language planning steps)
+  train     routers + LoRA on BFCL tool-call steps (the training split) and those planning steps
+  stepeval  per step type on held-out steps: skip rate, FLOPs skipped, perplexity delta, with a
+            length-matched split (layerroute_rt.evaluate)
+
+BFCL accuracy of the three settings comes from `layerroute eval --bfcl` (layerroute_rt.bfcl_eval).
+The held-out BFCL cases are the first HELDOUT[category] of data.bfcl.split_ids(seed 0): training
+never reads them, and `layerroute eval --bfcl CATEGORY:N` with N <= HELDOUT[category] evaluates a
+subset of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import layerroute_rt as lr
+from layerroute_rt import checkpoint, real_model
+from layerroute_rt.data import bfcl
+from layerroute_rt.data.examples import build_examples, collate
+from layerroute_rt.data.types import Step, Trajectory
+
+TOOL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "simple_java",
+                   "simple_javascript")
+HELDOUT = {"simple_python": 50, "multiple": 30, "parallel": 30, "parallel_multiple": 30,
+           "simple_java": 20, "simple_javascript": 10, "irrelevance": 30}
+PLAN_SYSTEM = ("You are a careful assistant that plans before it acts. Before any function call, "
+               "write your plan in two or three plain English sentences: which of the functions "
+               "fits the request, which arguments it needs, and where their values come from. "
+               "Do not call a function and do not write code or JSON.")
+
+
+def split(category: str, data_dir: Path) -> tuple[list, list]:
+    return bfcl.split_ids(bfcl.load_category(data_dir, category), HELDOUT[category], seed=0)
+
+
+def planning_system(case: bfcl.BfclCase) -> str:
+    """The planning instruction and the functions by name and description (no JSON schemas: the
+    tool-call template makes the model call at once instead of planning)."""
+    listed = "\n".join(f"- {f['name']}: {f.get('description', '')}" for f in case.functions)
+    return f"{PLAN_SYSTEM}\n\nThe functions available:\n{listed}"
+
+
+def planning_prompt(case: bfcl.BfclCase) -> list[dict]:
+    return [{"role": "system", "content": planning_system(case)},
+            *[m for m in case.messages if m["role"] == "user"]]
+
+
+def _clean_plan(text: str) -> str | None:
+    """A plan kept as a planning step: plain sentences, cut after its last full stop; None for
+    one with code, JSON or a tool call (the model did not follow the instruction)."""
+    if any(s in text for s in ("```", "{", "<tool_call>")):
+        return None
+    end = text.rfind(".")
+    text = text[:end + 1].strip() if end > 0 else ""
+    return text if len(text.split()) >= 8 else None
+
+
+def stage_planning(args) -> None:
+    out = args.work / "planning_steps.jsonl"
+    model_dir = real_model.fetch_model()
+    data_dir = real_model.fetch_bfcl()
+    model = lr.load(model_dir, dtype=torch.float32)
+    engine = lr.InferenceModel(model)
+    from layerroute_rt.generate import load_tokenizer
+    tok = load_tokenizer(engine)
+    rng = random.Random(0)
+    cases = []
+    for category in ("simple_python", "multiple", "parallel", "parallel_multiple"):
+        train_cases, _ = split(category, data_dir)
+        cases += rng.sample(train_cases, args.plans_per_category)
+    done = {}
+    if out.exists():
+        done = {json.loads(l)["id"]: json.loads(l) for l in out.read_text().splitlines()}
+    todo = [c for c in cases if c.id not in done]
+    t0 = time.time()
+    for i in range(0, len(todo), args.batch):
+        batch = todo[i:i + args.batch]
+        ids = [tok.encode(tok.apply_chat_template(planning_prompt(c), tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for c in batch]
+        res = lr.generate(engine, ids, max_new_tokens=args.plan_tokens, tau=0.0)
+        for c, text in zip(batch, res.text):
+            done[c.id] = {"id": c.id, "category": c.category, "raw": text, "plan": _clean_plan(text)}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        os.replace(tmp, out)
+        print(f"planning: {len(done)}/{len(cases)} ({time.time() - t0:.0f} s)", flush=True)
+    kept = sum(r["plan"] is not None for r in done.values())
+    print(f"planning: {kept} of {len(done)} plans kept -> {out}")
+
+
+def planning_trajectories(work: Path, data_dir: Path) -> list[Trajectory]:
+    plans = [json.loads(l) for l in (work / "planning_steps.jsonl").read_text().splitlines()]
+    by_id = {c.id: c for cat in ("simple_python", "multiple", "parallel", "parallel_multiple")
+             for c in bfcl.load_category(data_dir, cat)}
+    out = []
+    for p in plans:
+        if p["plan"] is None:
+            continue
+        case = by_id[p["id"]]
+        steps = [Step("system" if m["role"] == "system" else "user", m["content"])
+                 for m in planning_prompt(case)] + [Step("planning", p["plan"])]
+        out.append(Trajectory(tuple(steps), source="bfcl-plan", id="plan:" + case.id))
+    return out
+
+
+def datasets(args, tok):
+    """(train examples, held-out examples): tool calls of the BFCL training split plus planning
+    steps (90% train / 10% held out, by id), and the held-out BFCL tool calls."""
+    data_dir = real_model.fetch_bfcl()
+    train_t, held_t = [], []
+    for category in TOOL_CATEGORIES:
+        tr, ho = split(category, data_dir)
+        train_t += [bfcl.to_trajectory(c) for c in tr]
+        held_t += [bfcl.to_trajectory(c) for c in ho]
+    plans = planning_trajectories(args.work, data_dir)
+    plan_held = [t for t in plans if hash_frac(t.id) < args.plan_heldout]
+    plan_train = [t for t in plans if hash_frac(t.id) >= args.plan_heldout]
+    train = build_examples(train_t + plan_train, tok, max_length=args.max_length)
+    held = build_examples(held_t + plan_held, tok, max_length=args.max_length)
+    return train, held
+
+
+def hash_frac(s: str) -> float:
+    import hashlib
+    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+
+def stage_train(args) -> None:
+    from layerroute_rt.train import TrainConfig, train
+    model_dir = real_model.fetch_model()
+    cfg = lr.LayerRouteConfig(rank=8, alpha=16, granularity="token", kv_policy="compute",
+                              gate_lambda=args.gate_lambda, tau=0.5)
+    model = lr.load(model_dir, config=cfg, dtype=torch.float32)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train_ex, held_ex = datasets(args, tok)
+    # Within the budget (--max-examples): every planning step, and a random subset of the calls.
+    rng = random.Random(args.seed)
+    plans = [e for e in train_ex if e.step_type == "planning"]
+    calls = [e for e in train_ex if e.step_type == "tool_call"]
+    rng.shuffle(calls)
+    train_ex = plans + calls[:max(0, args.max_examples - len(plans))]
+    kinds = {k: sum(e.step_type == k for e in train_ex) for k in ("tool_call", "planning")}
+    print(f"train: {len(train_ex)} examples {kinds}, {len(held_ex)} held out", flush=True)
+    tc = TrainConfig(steps=args.steps, batch_size=1, grad_accum=args.grad_accum, lr=args.lr,
+                     warmup_steps=max(1, args.steps // 10), checkpoint_every=10, seed=args.seed,
+                     distill_weight=args.distill, distill_teacher="self", gate_on="step",
+                     never_skip=tuple(args.never_skip), router_lr=args.router_lr)
+    run = args.work / args.run
+    t0 = time.time()
+    row = train(model, train_ex, lambda b: collate(b, pad_id=tok.pad_token_id or 0), run, tc,
+                resume=(run / "checkpoint").exists(), progress=True)
+    checkpoint.atomic_write_json(run / "recipe.json", {
+        "train_config": asdict(tc), "layerroute_config": cfg.to_dict(), "examples": kinds,
+        "max_length": args.max_length, "cpu_seconds_this_invocation": time.time() - t0,
+        "torch_threads": torch.get_num_threads(), "final": row})
+    print(json.dumps(row), f"{time.time() - t0:.0f} s")
+
+
+def stage_stepeval(args) -> None:
+    from layerroute_rt import evaluate
+    from layerroute_rt.data.splits import length_matched_split
+    model_dir = real_model.fetch_model()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    _, held = datasets(args, tok)
+    tools = [e for e in held if e.step_type == "tool_call"]
+    plans = [e for e in held if e.step_type == "planning"]
+    held = tools[:args.step_eval_tools] + plans
+    model = lr.load(model_dir, adapter=args.work / args.run / "adapter", dtype=torch.float32)
+    splits = {"heldout": held, "length_matched": length_matched_split(held)}
+    report = {name: evaluate.evaluate(model, ex, lambda b: collate(b, pad_id=tok.pad_token_id or 0),
+                                      batch_size=4) for name, ex in splits.items()}
+    checkpoint.atomic_write_json(args.work / args.run / "stepeval.json", report)
+    print(json.dumps(report, indent=1)[:4000])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("planning", "train", "stepeval"))
+    p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
+    p.add_argument("--run", default="a")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plans-per-category", type=int, default=40)
+    p.add_argument("--plan-tokens", type=int, default=96)
+    p.add_argument("--plan-heldout", type=float, default=0.2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=768)
+    p.add_argument("--max-examples", type=int, default=100000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--router-lr", type=float, default=1e-3)
+    p.add_argument("--gate-lambda", type=float, default=0.5)
+    p.add_argument("--distill", type=float, default=0.0)
+    p.add_argument("--never-skip", type=int, nargs="*", default=[0, 23])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-eval-tools", type=int, default=60)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    {"planning": stage_planning, "train": stage_train, "stepeval": stage_stepeval}[args.stage](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
