@@ -165,11 +165,35 @@ def stage_train(args) -> None:
     t0 = time.time()
     row = train(model, train_ex, lambda b: collate(b, pad_id=tok.pad_token_id or 0), run, tc,
                 resume=(run / "checkpoint").exists(), progress=True)
+    trained = sorted({e.traj_id for e in train_ex} | {e.traj_id.removeprefix("plan:") for e in train_ex})
+    checkpoint.atomic_write_json(run / "data_config.json", {   # read by `layerroute eval --bfcl`
+        "source": "BFCL v4 non-live training splits + the dense model's planning steps",
+        "heldout": HELDOUT, "trained_trajectories": trained})
     checkpoint.atomic_write_json(run / "recipe.json", {
         "train_config": asdict(tc), "layerroute_config": cfg.to_dict(), "examples": kinds,
         "max_length": args.max_length, "cpu_seconds_this_invocation": time.time() - t0,
         "torch_threads": torch.get_num_threads(), "final": row})
     print(json.dumps(row), f"{time.time() - t0:.0f} s")
+
+
+def stage_finalize(args) -> None:
+    """A run stopped before its last step (the CPU budget): its latest checkpoint becomes the
+    run's adapter, with the data record `layerroute eval --bfcl` checks."""
+    import shutil
+    from transformers import AutoTokenizer
+    run = args.work / args.run
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
+    with checkpoint.atomic_dir(run / "adapter") as tmp:
+        for f in (run / "checkpoint" / "adapter").iterdir():
+            shutil.copy2(f, tmp / f.name)
+    tok = AutoTokenizer.from_pretrained(real_model.fetch_model())
+    train_ex, _ = datasets(args, tok)
+    checkpoint.atomic_write_json(run / "data_config.json", {
+        "source": "BFCL v4 non-live training splits + the dense model's planning steps",
+        "heldout": HELDOUT, "stopped_at_step": state["step"],
+        "trained_trajectories": sorted({e.traj_id for e in train_ex}
+                                       | {e.traj_id.removeprefix("plan:") for e in train_ex})})
+    print(f"finalize: {run / 'adapter'} from step {state['step']}")
 
 
 def stage_stepeval(args) -> None:
@@ -192,7 +216,7 @@ def stage_stepeval(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("planning", "train", "stepeval"))
+    p.add_argument("stage", choices=("planning", "train", "finalize", "stepeval"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -214,7 +238,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    {"planning": stage_planning, "train": stage_train, "stepeval": stage_stepeval}[args.stage](args)
+    {"planning": stage_planning, "train": stage_train, "finalize": stage_finalize,
+     "stepeval": stage_stepeval}[args.stage](args)
     return 0
 
 
