@@ -377,9 +377,12 @@ def no_host_reads():
                     reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
 @pytest.mark.parametrize("kv_policy", ["compute", "drop"])
 def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
-    """With the Triton kernels (interpreter on CPU), a decode step never reads a device value
-    into Python: the counts stay on the device, as a CUDA graph needs. It still matches the
-    reference path."""
+    """With the Triton kernels (interpreter on CPU), a decode step reads no device value into
+    Python but the blocks' predicates, once per block (engine.read_predicate: the CPU's
+    stand-in for the CUDA graph's IF nodes): the counts stay on the device, as a CUDA graph
+    needs. It still matches the reference path."""
+    from layerroute_rt import engine as engine_module
+
     monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
     routed.lr_config = dataclasses.replace(routed.lr_config, kv_policy=kv_policy)
     engine = lr.InferenceModel(routed, merge=False)
@@ -388,8 +391,14 @@ def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
     logits, _ = engine.prefill(ids, ids != 0, cache, 0.5)
     state = engine.decode_state(cache)
     state.tokens.copy_(logits.argmax(-1))
+    reads = []
+    real = engine_module.read_predicate
+    monkeypatch.setattr(engine_module, "read_predicate", lambda p: reads.append(p) or real(p))
     with no_host_reads():
         engine.decode_step(state, cache, 0.5, host_counts=False)
+    assert len(reads) == len(engine.blocks)
+    assert all(p._base is state.pred or p.data_ptr() in
+               {state.pred[i].data_ptr() for i in range(len(engine.blocks))} for p in reads)
     monkeypatch.delenv("LAYERROUTE_BACKEND")
     ref_cache = KVCache(routed.config, 2, 8, torch.float32, "cpu")
     routed(ids, attention_mask=ids != 0, cache=ref_cache)
