@@ -53,5 +53,5 @@ def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
         x, index, count, weight, x if lora_A is None else lora_A, x if lora_B is None else lora_B,
         residual, M, residual.shape[0], n, k, rank, scale,
         HAS_LORA=lora_A is not None, SPLIT_U=x.dtype != torch.float32, R_PAD=sc.r_pad(rank),
-        PRECISION=sc.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(k),
-        num_warps=4)
+        PRECISION=sc.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(k, x.dtype, M),
+        num_warps=4, num_stages=sc.STAGES)

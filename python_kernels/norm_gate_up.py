@@ -53,5 +53,5 @@ def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scal
         h, index, count, norm_weight, weight, h if lora_A is None else lora_A,
         h if lora_B is None else lora_B, out, M, x_rows, inter, d, rank, eps, scale,
         HAS_LORA=lora_A is not None, SPLIT_U=h.dtype != torch.float32, R_PAD=sc.r_pad(rank),
-        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(d),
-        num_warps=4)
+        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(d, h.dtype, M),
+        num_warps=4, num_stages=sc.STAGES)

@@ -38,4 +38,5 @@ def norm_linear(h, norm_weight, eps, weight, out) -> None:
     bm, bn = sc.block_m(M), sc.block_n(n)
     _norm_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](
         h, norm_weight, weight, out, M, n, d, eps, PRECISION=sc.precision(h.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(d), num_warps=4)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(d, h.dtype, M),
+        num_warps=4, num_stages=sc.STAGES)

@@ -50,10 +50,10 @@ def _qkv_rope_kernel(h_ptr, index_ptr, count_ptr, nw_ptr, w_ptr, bias_ptr, a_ptr
             sc.store_kv_head(o1, o2, o1, j, j_ok, rows, ok, head - H, k_ptr, v_ptr, valid_ptr,
                              slot_ptr, T, S, True, HKV, HD)
     else:
-        y, j, j_ok = sc.plain_head(h_ptr, rows, ok, D, rstd, nw_ptr, w_ptr, bias_ptr, head * HD,
+        y, jv, jv_ok = sc.plain_head(h_ptr, rows, ok, D, rstd, nw_ptr, w_ptr, bias_ptr, head * HD,
                                    a_ptr, b_ptr, R, scale, HD, HAS_LORA, SPLIT_U, R_PAD,
                                    PRECISION, BLOCK_M, HD_PAD, BLOCK_K)
-        sc.store_kv_head(y, y, y, j, j_ok, rows, ok, head - H - HKV, k_ptr, v_ptr, valid_ptr,
+        sc.store_kv_head(y, y, y, jv, jv_ok, rows, ok, head - H - HKV, k_ptr, v_ptr, valid_ptr,
                          slot_ptr, T, S, False, HKV, HD)
 
 
@@ -78,4 +78,5 @@ def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, sc
         H=n_heads, HKV=hkv, HD=hd, HALF_PAD=max(16, triton.next_power_of_2(hd // 2)),
         HD_PAD=max(16, triton.next_power_of_2(hd)), HAS_INDEX=index is not None,
         HAS_LORA=lora_A is not None, SPLIT_U=h.dtype != torch.float32, R_PAD=sc.r_pad(rank),
-        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_K=sc.block_k(d), num_warps=4)
+        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_K=sc.block_k(d, h.dtype, M),
+        num_warps=4, num_stages=sc.STAGES)

@@ -74,11 +74,11 @@ def _route_kv_kernel(h_ptr, rw_ptr, rb_ptr, run_ptr, index_ptr, count_ptr, pred_
                 sc.store_kv_head(o1, o2, o1, j, j_ok, rows, need, head, k_ptr, v_ptr, valid_ptr,
                                  slot_ptr, T, S, True, HKV, HD)
             else:
-                y, j, j_ok = sc.plain_head(h_ptr, rows, need, D, rstd, nw_ptr, w_ptr, bias_ptr,
+                y, jv, jv_ok = sc.plain_head(h_ptr, rows, need, D, rstd, nw_ptr, w_ptr, bias_ptr,
                                            Q_DIM + head * HD, a_ptr, b_ptr, R, scale, HD,
                                            HAS_LORA, SPLIT_U, R_PAD, PRECISION, BLOCK_M, HD_PAD,
                                            BLOCK_K)
-                sc.store_kv_head(y, y, y, j, j_ok, rows, need, head - HKV, k_ptr, v_ptr,
+                sc.store_kv_head(y, y, y, jv, jv_ok, rows, need, head - HKV, k_ptr, v_ptr,
                                  valid_ptr, slot_ptr, T, S, False, HKV, HD)
 
 
@@ -107,5 +107,5 @@ def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm
         HKV=hkv, HD=hd, HALF_PAD=max(16, triton.next_power_of_2(hd // 2)),
         HD_PAD=max(16, triton.next_power_of_2(hd)), ROUTE=route, KV=compute_kv,
         HAS_LORA=lora_A is not None, SPLIT_U=h.dtype != torch.float32, R_PAD=sc.r_pad(rank),
-        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_K=sc.block_k(d), BLOCK_D=block_d,
-        num_warps=4)
+        PRECISION=sc.precision(h.dtype), BLOCK_M=bm, BLOCK_K=sc.block_k(d, h.dtype, n), BLOCK_D=block_d,
+        num_warps=4, num_stages=sc.STAGES)

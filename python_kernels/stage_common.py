@@ -42,10 +42,17 @@ def block_m(rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(rows, 1))))
 
 
-def block_k(k: int) -> int:
+def block_k(k: int, dtype: torch.dtype, rows: int) -> int:
+    """The K step: 128 for half inputs at decode (16 rows), 64 for half inputs otherwise, 32
+    for fp32, so that two pipeline stages of the x, W and LoRA tiles fit 99 KB of shared
+    memory (sm_86 / sm_89) at BLOCK_M = BLOCK_N = 64 and R_PAD 64 (tests/triton_sm_compile.py)."""
     if INTERPRET:
         return 32
-    return min(128, max(16, triton.next_power_of_2(k)))
+    step = 32 if dtype == torch.float32 else 128 if block_m(rows) <= 16 else 64
+    return min(step, max(16, triton.next_power_of_2(k)))
+
+
+STAGES = 2    # pipeline stages of the K loops
 
 
 @triton.jit
