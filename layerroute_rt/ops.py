@@ -182,11 +182,11 @@ def compact_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return compact_rows_ref(mask)
 
 
-# Triton versions of gather_rows and scatter_add_rows, and the fused row + RMSNorm ops below.
+# Triton versions of gather_rows and scatter_add_rows.
 try:
     from python_kernels import rows as _rows_triton
 
-    _TRITON_KERNELS.update(("gather_rows", "scatter_add_rows", "gather_rmsnorm", "add_rmsnorm"))
+    _TRITON_KERNELS.update(("gather_rows", "scatter_add_rows"))
 except ImportError:  # no Triton: the compiled ops or the references run
     _rows_triton = None
 
@@ -473,9 +473,9 @@ def lora_linear(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused row + RMSNorm ops of the per-block skip path (DESIGN.md section 4), in gathered space;
-# Triton kernels in python_kernels/rows.py. Inference only (no autograd). RMSNorm is Qwen2's:
-# normalise in float32, cast to x's dtype, then multiply by the weight (model.RMSNorm).
+# RMSNorm as Qwen2 computes it (model.RMSNorm): normalise in float32, cast to x's dtype, then
+# multiply by the weight. The block-stage references below use it (and the stage kernels
+# compute the same in their prologues).
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -500,138 +500,6 @@ def _check_norm(op: str, norm_weight: torch.Tensor, eps: float, x: torch.Tensor)
     _check_device(op, norm_weight, "norm_weight", x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: `eps` must be a number >= 0, got {eps!r}")
-
-
-def _check_norm_width(op: str, x: torch.Tensor) -> None:
-    """The Triton norm programs hold whole rows."""
-    if x.shape[1] > _rows_triton.MAX_NORM_WIDTH:
-        raise ValueError(
-            f"{op}: the Triton kernel takes rows of at most {_rows_triton.MAX_NORM_WIDTH} "
-            f"elements, got D = {x.shape[1]} in `x`"
-        )
-
-
-# gather_rmsnorm -------------------------------------------------------------------------------
-
-
-def _check_gather_rmsnorm(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    op = "gather_rmsnorm"
-    _check_rows(op, x, "x")
-    _check_index_count(op, index, count, x, "x")
-    _check_norm(op, norm_weight, eps, x)
-    for name, out in (("out_rows", out_rows), ("out_normed", out_normed)):
-        _check_rows(op, out, name)
-        _check_device(op, out, name, x, "x")
-        if out.dtype != x.dtype:
-            raise TypeError(
-                f"{op}: `{name}` must have the dtype of `x` ({x.dtype}), got {out.dtype}"
-            )
-        if out.shape != (index.shape[0], x.shape[1]):
-            raise ValueError(
-                f"{op}: `{name}` must have shape [M, D] = [{index.shape[0]}, {x.shape[1]}] "
-                f"(M from `index`, D from `x`), got {list(out.shape)}"
-            )
-
-
-def gather_rmsnorm_ref(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    _check_gather_rmsnorm(x, index, count, norm_weight, eps, out_rows, out_normed)
-    rows = _live_rows("gather_rmsnorm", index, count, x.shape[0], unique=False)
-    out_rows[: rows.numel()] = x[rows]
-    out_normed[: rows.numel()] = _rms_norm_ref(x[rows], norm_weight, eps)
-
-
-def gather_rmsnorm(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    """out_rows[i] = x[index[i]] and out_normed[i] = RMSNorm(x[index[i]]) for i < count, from
-    one read of each row (the executing rows of a block and their input_layernorm). Rows of the
-    outputs past the count are left as they are.
-
-    x [N, D]; out_rows, out_normed [M, D] (dtype of x, contiguous); index int32 [M];
-    count int32 [1]; norm_weight [D] (float32, float16 or bfloat16); eps >= 0.
-    """
-    if backend("gather_rmsnorm", x.device) == "triton":
-        _check_gather_rmsnorm(x, index, count, norm_weight, eps, out_rows, out_normed)
-        _check_norm_width("gather_rmsnorm", x)
-        _rows_triton.gather_rmsnorm(x, index, count, norm_weight, float(eps), out_rows, out_normed)
-    else:
-        gather_rmsnorm_ref(x, index, count, norm_weight, eps, out_rows, out_normed)
-
-
-# add_rmsnorm ----------------------------------------------------------------------------------
-
-
-def _check_add_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> None:
-    op = "add_rmsnorm"
-    _check_rows(op, x, "x")
-    _check_rows(op, delta, "delta")
-    _check_device(op, delta, "delta", x, "x")
-    if delta.dtype != x.dtype:
-        raise TypeError(f"{op}: `delta` must have the dtype of `x` ({x.dtype}), got {delta.dtype}")
-    if delta.shape != x.shape:
-        raise ValueError(
-            f"{op}: `delta` must have the shape of `x` {list(x.shape)}, got {list(delta.shape)}"
-        )
-    _check_norm(op, norm_weight, eps, x)
-    if count.dtype != torch.int32:
-        raise TypeError(f"{op}: `count` must be int32, got {count.dtype}")
-    if count.shape != (1,):
-        raise ValueError(f"{op}: `count` must have shape [1], got {list(count.shape)}")
-    _check_device(op, count, "count", x, "x")
-
-
-def add_rmsnorm_ref(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> torch.Tensor:
-    _check_add_rmsnorm(x, delta, norm_weight, eps, count)
-    live = int(count[0])
-    if not 0 <= live <= x.shape[0]:
-        raise ValueError(f"add_rmsnorm: `count` is {live}, outside [0, M = {x.shape[0]}]")
-    x[:live] += delta[:live]
-    normed = torch.empty_like(x)
-    normed[:live] = _rms_norm_ref(x[:live], norm_weight, eps)
-    return normed
-
-
-def add_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> torch.Tensor:
-    """x[i] += delta[i] in place (rounded once to x's dtype) and normed[i] = RMSNorm(x[i]) for
-    i < count: the residual add after o_proj and post_attention_layernorm, in gathered space.
-    Returns normed [M, D], whose rows past the count are unset; those rows of x are untouched.
-
-    x, delta [M, D] (same dtype, contiguous); norm_weight [D] (float32, float16 or bfloat16);
-    eps >= 0; count int32 [1].
-    """
-    if backend("add_rmsnorm", x.device) == "triton":
-        _check_add_rmsnorm(x, delta, norm_weight, eps, count)
-        _check_norm_width("add_rmsnorm", x)
-        return _rows_triton.add_rmsnorm(x, delta, norm_weight, float(eps), count)
-    return add_rmsnorm_ref(x, delta, norm_weight, eps, count)
 
 
 # ---------------------------------------------------------------------------------------------

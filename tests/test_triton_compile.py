@@ -46,7 +46,7 @@ def _report(result: subprocess.CompletedProcess) -> dict:
 
 # Kernels whose first tensor is the data (the others start with a float32 workspace).
 DATA_KERNELS = ("_lora_linear_kernel", "_partial_kernel", "_gather_rows_kernel", "_scatter_add_rows_kernel",
-                "_gather_rmsnorm_kernel", "_add_rmsnorm_kernel", "_token_scores_kernel", "_seq_partial_kernel",
+                "_token_scores_kernel", "_seq_partial_kernel",
                 "_qkv_rope_kernel", "_route_kv_kernel", "_linear_scatter_add_kernel",
                 "_norm_gate_up_kernel", "_norm_linear_kernel")
 

@@ -237,8 +237,6 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
             x, index = rnd(2 * m, d), idx(m, 2 * m)
             rows.gather_rows(x, index, one, rnd(m, d))
             rows.scatter_add_rows(x, rnd(m, d), index, one)
-            rows.gather_rmsnorm(x, index, one, rnd(d), 1e-6, rnd(m, d), rnd(m, d))
-            rows.add_rmsnorm(rnd(m, d), rnd(m, d), rnd(d), 1e-6, one)
         add(f"rows M={m} D={d}", row_ops)
 
     # --- decode attention: (rows, q heads, KV heads, head dim, slots) of Qwen2.5-0.5B, 1.5B and
