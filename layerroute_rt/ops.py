@@ -4,7 +4,10 @@ Each op has a plain-torch reference `<op>_ref`, the oracle of every kernel test 
 fallback where no kernel exists. `LAYERROUTE_BACKEND=torch|triton|cuda`, read on every call,
 forces one backend; `cuda` means the compiled extension, whatever the device. The compiled ops
 are `torch.ops.layerroute.*`, declared in csrc/torch_bindings.cpp; their fake (meta) impls are
-registered here, so torch.compile and CUDA-graph capture see through them.
+registered here, so torch.compile and CUDA-graph capture see through them. The decode-step ops
+(the block stages and decode_attention) are torch.library custom ops `layerroute::<op>`
+defined here (`_custom_op`: explicit schema, fake impl), whose implementation picks the Triton
+kernel or the torch reference; the public function checks the arguments, then calls the op.
 
 Adding an op: its schema and kernels in csrc/, then a section below with the argument checks,
 the reference, the fake impl and the dispatching function.
@@ -82,6 +85,26 @@ def _compiled_op(op: str):
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"layerroute::{op}", key):
                     _COMPILED_KERNELS.add((op, device_type))
         return fake
+
+    return register
+
+
+# Ops defined here as torch.library custom ops (layerroute::<op>, each with a fake impl), by
+# qualified name: their Python implementation (the dispatch to the Triton kernel or the torch
+# reference). tests/launch_count.py runs these directly to count the launches inside them.
+PYTHON_OPS: dict[str, object] = {}
+
+
+def _custom_op(name: str, schema: str, mutates: tuple[str, ...]):
+    """Register the decorated function as the custom op layerroute::<name> (explicit schema:
+    the same on every torch version), with a fake impl that returns nothing (these ops only
+    write into their arguments); returns the op."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"layerroute::{name}", fn, mutates_args=mutates, schema=schema)
+        op.register_fake(lambda *args, **kwargs: None)
+        PYTHON_OPS[f"layerroute::{name}"] = fn
+        return op
 
     return register
 
@@ -740,12 +763,19 @@ def decode_attention(
     scale * q[i, h] . k[index[i], h // (H / HKV), s], applied to v; zeros where no slot is
     visible; rows from count on are not written. Inference only.
     """
+    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+    out = torch.empty_like(q) if out is None else out
+    _decode_attention_op(q, k, v, valid, index, count, length, float(scale), out)
+    return out
+
+
+@_custom_op("decode_attention", "(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor index, "
+            "Tensor count, Tensor length, float scale, Tensor(a!) out) -> ()", ("out",))
+def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> None:
     if backend("decode_attention", q.device) == "triton":
-        _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
-        return _decode_attention_triton.decode_attention(
-            q, k, v, valid, index, count, length, float(scale),
-            torch.empty_like(q) if out is None else out)
-    return decode_attention_ref(q, k, v, valid, index, count, length, scale, out)
+        _decode_attention_triton.decode_attention(q, k, v, valid, index, count, length, scale, out)
+    else:
+        decode_attention_ref(q, k, v, valid, index, count, length, scale, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,6 +1000,20 @@ def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm
     tau = _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
                           norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
                           inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+    _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
+                 float(eps), weight, bias, lora_A, lora_B, float(scale), positions, inv_freq,
+                 k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+
+
+@_custom_op("route_kv", "(Tensor h, Tensor? router_w, Tensor? router_b, float tau, Tensor? run, "
+            "Tensor(a!)? index, Tensor(b!)? count, Tensor(c!)? pred, Tensor(d!)? executed, "
+            "Tensor norm_weight, float eps, Tensor weight, Tensor bias, Tensor? lora_A, "
+            "Tensor? lora_B, float scale, Tensor positions, Tensor inv_freq, Tensor(e!) k_cache, "
+            "Tensor(f!) v_cache, Tensor(g!) valid, Tensor slot, int rows_per_seq, bool compute_kv) -> ()",
+            ("index", "count", "pred", "executed", "k_cache", "v_cache", "valid"))
+def _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
+                 weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache,
+                 valid, slot, rows_per_seq, compute_kv) -> None:
     if backend("route_kv", h.device) == "triton":
         _route_kv_triton.route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
                                   norm_weight, float(eps), weight, bias, lora_A, lora_B,
@@ -1020,6 +1064,18 @@ def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, sc
     q_out from count on are not written. One launch on the Triton path."""
     _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
                     positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+    _qkv_rope_op(h, index, count, norm_weight, float(eps), weight, bias, lora_A, lora_B,
+                 float(scale), positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq,
+                 q_out)
+
+
+@_custom_op("qkv_rope", "(Tensor h, Tensor index, Tensor count, Tensor norm_weight, float eps, "
+            "Tensor weight, Tensor bias, Tensor? lora_A, Tensor? lora_B, float scale, "
+            "Tensor positions, Tensor inv_freq, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+            "Tensor(c!) valid, Tensor slot, int rows_per_seq, Tensor(d!) q_out) -> ()",
+            ("k_cache", "v_cache", "valid", "q_out"))
+def _qkv_rope_op(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                 positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
     if backend("qkv_rope", h.device) == "triton":
         _qkv_rope_triton.qkv_rope(h, index, count, norm_weight, float(eps), weight, bias, lora_A,
                                   lora_B, float(scale), positions, inv_freq, k_cache, v_cache,
@@ -1062,6 +1118,12 @@ def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
     [D, K], residual [N, D] (x's dtype); index[:count] unique rows of the residual. The product
     is rounded to the residual's dtype, then the sum. One launch on the Triton path."""
     _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
+    _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, float(scale), residual)
+
+
+@_custom_op("linear_scatter_add", "(Tensor x, Tensor index, Tensor count, Tensor weight, "
+            "Tensor? lora_A, Tensor? lora_B, float scale, Tensor(a!) residual) -> ()", ("residual",))
+def _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
     if backend("linear_scatter_add", x.device) == "triton":
         _linear_scatter_add_triton.linear_scatter_add(x, index, count, weight, lora_A, lora_B,
                                                       float(scale), residual)
@@ -1101,6 +1163,14 @@ def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scal
     up_proj and the activation). weight [2 I, D] (gate rows first); out [M, I] in h's dtype,
     rows from count on not written. One launch on the Triton path."""
     _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+    _norm_gate_up_op(h, index, count, norm_weight, float(eps), weight, lora_A, lora_B,
+                     float(scale), out)
+
+
+@_custom_op("norm_gate_up", "(Tensor h, Tensor index, Tensor count, Tensor norm_weight, "
+            "float eps, Tensor weight, Tensor? lora_A, Tensor? lora_B, float scale, "
+            "Tensor(a!) out) -> ()", ("out",))
+def _norm_gate_up_op(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
     if backend("norm_gate_up", h.device) == "triton":
         _norm_gate_up_triton.norm_gate_up(h, index, count, norm_weight, float(eps), weight,
                                           lora_A, lora_B, float(scale), out)
@@ -1130,7 +1200,14 @@ def norm_linear(h, norm_weight, eps, weight, out) -> torch.Tensor:
     h's dtype first, as F.linear in h's dtype). h [N, D], weight [V, D], out float32 [N, V].
     One launch on the Triton path."""
     _check_norm_linear(h, norm_weight, eps, weight, out)
+    _norm_linear_op(h, norm_weight, float(eps), weight, out)
+    return out
+
+
+@_custom_op("norm_linear", "(Tensor h, Tensor norm_weight, float eps, Tensor weight, "
+            "Tensor(a!) out) -> ()", ("out",))
+def _norm_linear_op(h, norm_weight, eps, weight, out) -> None:
     if backend("norm_linear", h.device) == "triton":
         _norm_linear_triton.norm_linear(h, norm_weight, float(eps), weight, out)
-        return out
-    return norm_linear_ref(h, norm_weight, eps, weight, out)
+    else:
+        norm_linear_ref(h, norm_weight, eps, weight, out)

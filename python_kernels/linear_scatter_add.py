@@ -48,7 +48,7 @@ def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
     if M == 0:
         return
     rank = 0 if lora_A is None else lora_A.shape[0]
-    bm, bn = sc.block_m(M), sc.block_n(n)
+    bm, bn = sc.block_m(M), sc.block_n(n, M)
     _linear_scatter_add_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](
         x, index, count, weight, x if lora_A is None else lora_A, x if lora_B is None else lora_B,
         residual, M, residual.shape[0], n, k, rank, scale,

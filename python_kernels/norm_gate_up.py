@@ -48,7 +48,7 @@ def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scal
     if M == 0:
         return
     rank = 0 if lora_A is None else lora_A.shape[0]
-    bm, bn = sc.block_m(M), sc.block_n(inter)
+    bm, bn = sc.block_m(M), sc.block_n(inter, M)
     _norm_gate_up_kernel[(triton.cdiv(M, bm), triton.cdiv(inter, bn))](
         h, index, count, norm_weight, weight, h if lora_A is None else lora_A,
         h if lora_B is None else lora_B, out, M, x_rows, inter, d, rank, eps, scale,

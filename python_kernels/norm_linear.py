@@ -35,7 +35,7 @@ def norm_linear(h, norm_weight, eps, weight, out) -> None:
     n = weight.shape[0]
     if M == 0:
         return
-    bm, bn = sc.block_m(M), sc.block_n(n)
+    bm, bn = sc.block_m(M), sc.block_n(n, M)
     _norm_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](
         h, norm_weight, weight, out, M, n, d, eps, PRECISION=sc.precision(h.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sc.block_k(d, h.dtype, M),

@@ -205,8 +205,15 @@ def store_kv_head(o1, o2, y, j, j_ok, rows, ok, kv_head, k_ptr, v_ptr, valid_ptr
                  mask=ok[:, None] & j_ok[None, :])
 
 
-def block_n(n: int) -> int:
-    """Output columns a program holds."""
+def block_n(n: int, rows: int) -> int:
+    """Output columns a program holds: at decode (16 rows or fewer) the widest of 64, 32, 16
+    that still gives 128 programs (weight streaming needs many programs: down_proj at D = 896
+    would have 14 at 64), else 64."""
     if INTERPRET:
         return 32
-    return min(64, max(16, triton.next_power_of_2(n)))
+    if block_m(rows) <= 16:
+        for bn in (64, 32):
+            if triton.cdiv(n, bn) >= 128:
+                return bn
+        return 16
+    return 64

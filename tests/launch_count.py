@@ -2,7 +2,8 @@
 
 Every Triton launch (under the interpreter) and every torch op that would launch a kernel on
 CUDA: the aten ops a TorchDispatchMode sees, less views, metadata and bare allocations (which
-launch nothing). Ops run inside a Triton launch (the interpreter's own host copies) are not
+launch nothing); a compiled (C++ / CUDA) op counts one; a Python custom op of layerroute_rt.ops
+(ops.PYTHON_OPS) counts what its implementation launches. Ops run inside a Triton launch (the interpreter's own host copies) are not
 counted. A host read of a tensor (aten._local_scalar_dense) launches no kernel either; the
 CPU path reads each block's predicate this way, standing in for a CUDA graph's IF node.
 
@@ -39,6 +40,12 @@ class _LaunchCounter(TorchDispatchMode):
         self.in_triton = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from layerroute_rt import ops
+
+        impl = ops.PYTHON_OPS.get(func._schema.name)
+        if impl is not None and not self.in_triton:
+            with self:            # a Python custom op: count what its implementation launches
+                return impl(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if self.in_triton:
             return out
@@ -46,7 +53,7 @@ class _LaunchCounter(TorchDispatchMode):
         if func.namespace == "aten" and not func.is_view and name not in _NO_LAUNCH:
             self.aten.append(str(func))
         elif func.namespace not in ("aten", "prim"):
-            self.aten.append(str(func))           # a compiled op: one kernel
+            self.aten.append(str(func))           # a compiled (C++ / CUDA) op: one kernel
         return out
 
 
