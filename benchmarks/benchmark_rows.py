@@ -3,8 +3,6 @@ Qwen2.5-0.5B width (D = 896), bf16:
 
     gather_rows        vs index_select (and the compiled extension's kernel, if built)
     scatter_add_rows   vs index_add_ (and the compiled extension's kernel, if built)
-    gather_rmsnorm     vs index_select then the model's RMSNorm (two passes over the rows)
-    add_rmsnorm        vs x += delta then the model's RMSNorm
 
     pytest benchmarks/benchmark_rows.py --benchmark-only
 
@@ -109,35 +107,3 @@ def test_scatter_add_rows(benchmark, monkeypatch, impl, rows):
             ops.scatter_add_rows(a["residual"], a["rows"], a["index"], a["count"])
     run(benchmark, monkeypatch, "scatter_add_rows", impl, rows, operands(rows), call,
         3 * rows * ROW_BYTES)
-
-
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_gather_rmsnorm(benchmark, monkeypatch, impl, rows):
-    copies = operands(rows)
-    if impl == "torch":
-        def call(a):
-            a["norm"](torch.index_select(a["residual"], 0, a["index_long"], out=a["out"]))
-    else:
-        for a in copies:
-            a["normed"] = torch.empty_like(a["out"])
-
-        def call(a):
-            ops.gather_rmsnorm(a["residual"], a["index"], a["count"], a["norm"].weight, EPS,
-                               a["out"], a["normed"])
-    run(benchmark, monkeypatch, "gather_rmsnorm", impl, rows, copies, call,
-        3 * rows * ROW_BYTES)
-
-
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_add_rmsnorm(benchmark, monkeypatch, impl, rows):
-    if impl == "torch":
-        def call(a):
-            a["rows"].add_(a["delta"])
-            a["norm"](a["rows"])
-    else:
-        def call(a):
-            ops.add_rmsnorm(a["rows"], a["delta"], a["norm"].weight, EPS, a["count"])
-    run(benchmark, monkeypatch, "add_rmsnorm", impl, rows, operands(rows), call,
-        4 * rows * ROW_BYTES)

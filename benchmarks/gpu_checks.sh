@@ -7,10 +7,11 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]
 #
-# "quick" fits one device command of 600 s (stage limits sum to 540 s), most important first:
-# the build for this GPU's architecture only, the CUDA tests of the decode path and the kernels,
-# the end-to-end decode benchmark at batch 1 (prompt 128, 64 new tokens, transformers
-# baselines), a short training benchmark. Without "quick": everything, in full (an hour or more:
+# "quick" fits one device command of 600 s (stage limits sum to 530 s), most important first:
+# the build for this GPU's architecture only, the dense batch-1 decode figure (JSON at once) and
+# the kernel nodes per block of the captured graph (decode_graph_check.py), the end-to-end
+# decode benchmark at batch 1 with its routed and skipped cases (prompt 128, 64 new tokens,
+# transformers baselines), then the CUDA tests (bench_train runs in the full mode only). Without "quick": everything, in full (an hour or more:
 # not for a 15-minute lease). Each stage is stopped with SIGINT at its limit, so pytest still
 # prints its summary; bench_generate.py writes its JSON after every case.
 set -uo pipefail
@@ -39,20 +40,24 @@ if [[ "${1:-}" == "quick" ]]; then
     export TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=16
     stage install 180 pip install -e . --no-build-isolation --no-deps
     export LAYERROUTE_REQUIRE_EXT=1
+    # First: the dense batch-1 decode figure (its JSON written at once), then the kernel nodes
+    # per block read from the captured graph (benchmarks/decode_graph_check.py).
+    stage decode_graph 100 python benchmarks/decode_graph_check.py --out "$OUT"
+    # Then the routed and skipped cases.
+    stage bench_generate 120 python benchmarks/bench_generate.py --batch 1 --prompt 128 \
+        --new-tokens 64 --repeats 3 --baselines --out "$OUT"
+    # The tests last.
     export LAYERROUTE_TRITON_AUTOTUNE=0      # tests: the first fitting config of each set
     stage pytest_decode 50 python -m pytest -q -rfE -p no:cacheprovider -k "cuda or graph or synchronise" \
         tests/test_generate.py tests/test_decode_attention.py
-    stage pytest_kernels 80 python -m pytest -q -rfE -p no:cacheprovider -k cuda \
-        tests/test_ext_ops.py tests/test_rows.py tests/test_router.py tests/test_lora_linear.py \
-        tests/test_model.py
-    unset LAYERROUTE_TRITON_AUTOTUNE         # benchmarks: tuned kernels
-    stage bench_generate 120 python benchmarks/bench_generate.py --batch 1 --prompt 128 \
-        --new-tokens 64 --repeats 3 --baselines --out "$OUT"
-    # bench_train's warm-up steps autotune the LoRA kernel (forward and dx shapes): ~1 min.
-    stage bench_train 110 python benchmarks/bench_train.py --steps 5 --warmup 2 --out "$OUT"
+    stage pytest_kernels 80 python -m pytest -q -rfE -p no:cacheprovider \
+        tests/test_block_stages.py tests/test_ext_ops.py tests/test_rows.py tests/test_router.py \
+        tests/test_lora_linear.py tests/test_model.py -k "cuda or stage or qkv or route_kv or scatter or gate or norm_linear"
+    unset LAYERROUTE_TRITON_AUTOTUNE
 else
     stage install 900 pip install -e . --no-build-isolation --no-deps
     export LAYERROUTE_REQUIRE_EXT=1
+    stage decode_graph 300 python benchmarks/decode_graph_check.py --out "$OUT"
     stage pytest_gpu 1800 python -m pytest tests -q -rfE -p no:cacheprovider
     stage microbenchmarks 1800 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$OUT/microbenchmarks.json"

@@ -1,29 +1,35 @@
 """The inference engine: fused (and by default LoRA-merged) weights, true skipping at prefill and
-at decode, and a decode step that on CUDA never reads a count on the host, so it can be captured
-in one CUDA graph and replayed.
+at decode, and a decode step that on CUDA never reads a device value on the host, so it can be
+captured in one CUDA graph and replayed.
 
 Weights, per block, built once from a LayerRouteModel:
   qkv [q_dim + 2 kv_dim, D] (+ bias), o [D, q_dim], gate_up [2 I, D], down [D, I], and the router
-  (float32). With merge=True (the default) each LoRA is folded in, W + scale B A, computed in
+  (float32). The fused tensors replace the source model's: its projections become views of them
+  (one copy of the weights), except those whose LoRA is merged in (the source keeps W, the
+  engine W + scale B A: at Qwen2.5-0.5B with LoRA on q, k, v, o about 9% more). With merge=True (the default) each LoRA is folded in, W + scale B A, computed in
   float32 and rounded once; with merge=False the base stays as loaded and the LoRA factors ride
-  along stacked (A of q, k and v side by side, B block-diagonal), run by the fused LoRA kernel.
+  along stacked (A of q, k and v side by side, B block-diagonal), run by the fused kernels.
   `InferenceModel.with_adapter(dir)` builds another unmerged engine over the same base tensors,
   so several adapters share one copy of the backbone.
 
-Prefill (`prefill`, host synchronisation allowed): per block, route every real token, gather
-the executing ones, run norm -> qkv -> attention -> o_proj -> MLP on them only, scatter back.
-Under kv_policy "compute" every real token still writes its K and V (the kv rows of qkv).
+Both prefill and the decode step run a block through layerroute_rt.block.Stages (route, qkv,
+attention, o_proj, MLP), over the rows that run it.
 
-Decode (`decode_step`; on CUDA static shapes and no host reads): per block, the router writes the
-rows that run and their count on the device; K/V are written for every row under "compute"
-(only the rows that run become visible under "drop"); q, attention, o_proj and the MLP are
-count-aware kernels (ops.lora_linear with a row list, ops.decode_attention) that read no weights
-and no K/V when the count is 0, and attention reads only the filled slots of the cache. The
-residual gets the block's output by scatter-adds.
+Prefill (`prefill`, host synchronisation allowed): per block, route every real token, write the
+K/V of the real tokens that skip (kv_policy "compute"), run the stages on the ones that run.
+
+Decode (`decode_step`; on CUDA static shapes and no host reads): per block, the route kernel
+writes the rows that run, their count, and the block's predicate (some row runs it), and under
+"compute" the K/V of the rows that skip; the block body (qkv ... down_proj, six launches) runs
+only when the predicate holds: under a CUDA-graph IF node when the step is captured and
+conditional nodes exist (CUDA 12.4+), else its kernels exit early at count 0; on the CPU the
+predicate is read on the host, standing in for the node. Under `sequence` granularity the
+decisions are prefill's (no router runs at decode); at tau 0 every row runs every block (no
+router); a block in `skip` is left out of the step.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,27 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, ops
+from .block import FusedBlock, Stages
 from .cache import KVCache
 from .config import LayerRouteConfig
-from .model import LayerRouteModel, LoRALinear, _attention, apply_rope
-
-
-@dataclass
-class FusedBlock:
-    """One block's tensors in the engine's layout (LoRA factors None when merged or absent)."""
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
-    o_w: torch.Tensor
-    gate_up_w: torch.Tensor
-    down_w: torch.Tensor
-    router_w: torch.Tensor          # float32 [D]
-    router_b: torch.Tensor          # float32 [1]
-    qkv_lora: tuple[torch.Tensor, torch.Tensor] | None = None     # A [n r, D], B [N, n r]
-    o_lora: tuple[torch.Tensor, torch.Tensor] | None = None
-    gate_up_lora: tuple[torch.Tensor, torch.Tensor] | None = None
-    down_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+from .model import LayerRouteModel, LoRALinear
 
 
 def _lora_of(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -87,6 +76,16 @@ def _merged(m: LoRALinear) -> torch.Tensor:
     return (m.weight.float() + m.scale * (m.lora_B.float() @ m.lora_A.float())).to(m.weight.dtype)
 
 
+def _share_rows(parts: list[LoRALinear], fused: torch.Tensor, attr: str) -> None:
+    """Point each part's `attr` (weight or bias) at its rows of `fused` (their concatenation)."""
+    row = 0
+    for m in parts:
+        p = getattr(m, attr)
+        n = p.shape[0]
+        p.data = fused[row:row + n]
+        row += n
+
+
 def _fuse_block(block, merge: bool, base: FusedBlock | None = None) -> FusedBlock:
     attn, mlp = block.self_attn, block.mlp
     qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
@@ -101,6 +100,12 @@ def _fuse_block(block, merge: bool, base: FusedBlock | None = None) -> FusedBloc
                        o_w=w(attn.o_proj).contiguous(),
                        gate_up_w=torch.cat([w(m) for m in gate_up]).contiguous(),
                        down_w=w(mlp.down_proj).contiguous())
+        # The source's projections become views of the fused tensors wherever those hold the
+        # source's own values (no LoRA merged into them): one copy of the weights, not two.
+        for group, fused in ((qkv, weights["qkv_w"]), (gate_up, weights["gate_up_w"])):
+            if not (merge and any(_lora_of(m) is not None for m in group)):
+                _share_rows(group, fused, "weight")
+        _share_rows(qkv, weights["qkv_b"], "bias")
     lora = {}
     if not merge:
         lora = dict(qkv_lora=_stacked_lora(qkv, dtype), o_lora=_stacked_lora([attn.o_proj], dtype),
@@ -117,9 +122,13 @@ class DecodeState:
     tokens: torch.Tensor        # [B] long: the tokens fed in this step
     positions: torch.Tensor     # [B] long: their RoPE positions
     slot: torch.Tensor          # [1] long: the cache slot they are written to
+    length: torch.Tensor        # [1] long: slot + 1, the filled slots attention reads
     logits: torch.Tensor        # [B, vocab] float32: the step's output
     executed: torch.Tensor      # [L, B] bool: who ran which block in this step
-    ramp: torch.Tensor          # [B] int32: 0..B-1, the row list of gathered space
+    pred: torch.Tensor          # [L] bool: some row runs block l (the IF nodes' predicates)
+    index: torch.Tensor         # [B] int32: the rows a router picked (the block being run)
+    count: torch.Tensor         # [1] int32: their number
+    ramp: torch.Tensor          # [B] int32: 0..B-1, the row list when every row runs
     all_rows: torch.Tensor      # [1] int32: B, the count when every row runs
     seq_rows: list | None       # sequence granularity: per block (index, count) fixed at prefill
 
@@ -131,8 +140,10 @@ class InferenceModel:
     max_cache_len: the longest prompt + new tokens a cache may hold (default: the model's
     max_position_embeddings).
     use_cuda_graphs: on CUDA, capture the decode step in a CUDA graph (generate()).
-    host_counts: how decode_step learns which rows run (see there); None: read on the host
-    except on CUDA. False on CPU runs CUDA's device-count path through the CPU ops.
+    host_counts: whether decode_step reads each block's predicate (some row runs it) on the
+    host to skip the body; None: except on CUDA. On the CPU the predicate is read either way
+    (standing in for the CUDA graph's IF node, see branch_mode); False on CUDA: no host reads,
+    so generate() captures the step in a CUDA graph.
     """
 
     def __init__(self, model: LayerRouteModel, merge: bool = True, max_cache_len: int | None = None,
@@ -155,12 +166,7 @@ class InferenceModel:
         self.final_norm = model.model.norm.weight
         self.head = model.head_weight()
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.eps = cfg.rms_norm_eps
-        self.attn_scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.scale = model.lr_config.scale
-        hd = cfg.head_dim
-        self.inv_freq = 1.0 / cfg.rope_theta ** (
-            torch.arange(0, hd, 2, device=self.device, dtype=torch.int64).float() / hd)
+        self.stages = Stages(cfg, model.lr_config.scale, self.device)
         self.tokenizer_dir = getattr(model, "source_dir", None)
         self.use_cuda_graphs = use_cuda_graphs
         self.host_counts = self.device.type != "cuda" if host_counts is None else host_counts
@@ -195,53 +201,10 @@ class InferenceModel:
                 for n, p in model.adapter_state_dict().items():
                     p.copy_(saved[n])
 
-    # -- small pieces ---------------------------------------------------------------------------
-
-    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * w
-
-    def _rope(self, positions: torch.Tensor):
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
-    def _linear(self, x, w, b, lora, index=None, count=None, out=None):
-        A, B = lora if lora is not None else (None, None)
-        return ops.lora_linear(x, w, b, A, B, self.scale, index, count, out=out)
-
-    def _kv_rows(self, blk: FusedBlock):
-        """The k and v rows of the fused qkv weight (a contiguous view) and their LoRA."""
-        qd = self.config.q_dim
-        lora = None
-        if blk.qkv_lora is not None:
-            lora = (blk.qkv_lora[0], blk.qkv_lora[1][qd:])
-        return blk.qkv_w[qd:], blk.qkv_b[qd:], lora
-
-    def _q_rows(self, blk: FusedBlock):
-        qd = self.config.q_dim
-        lora = None
-        if blk.qkv_lora is not None:
-            lora = (blk.qkv_lora[0], blk.qkv_lora[1][:qd])
-        return blk.qkv_w[:qd], blk.qkv_b[:qd], lora
-
-    def _mlp(self, x, blk: FusedBlock, ramp=None, count=None):
-        """down(silu(gate) * up) on rows of x; with ramp (0..M-1) and count, rows < count only."""
-        gu = self._linear(x, blk.gate_up_w, None, blk.gate_up_lora, ramp, count)
-        inter = self.config.intermediate_size
-        act = (F.silu(gu[:, :inter]) * gu[:, inter:]).contiguous()
-        return self._linear(act, blk.down_w, None, blk.down_lora, ramp, count)
-
-    def _ramp(self, n: int) -> torch.Tensor:
-        return torch.arange(n, dtype=torch.int32, device=self.device)
-
-    def _split_kv(self, kv: torch.Tensor, cos, sin):
-        cfg = self.config
-        k, v = kv.view(-1, 2, cfg.num_key_value_heads, cfg.head_dim).unbind(1)
-        return apply_rope(k, cos, sin), v
+    # -- pieces ---------------------------------------------------------------------------------
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms(h, self.final_norm), self.head).float()
+        return self.stages.head(h, self.final_norm, self.head)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.max_cache_len:
@@ -258,197 +221,159 @@ class InferenceModel:
         Returns the logits of each sequence's last position [B, vocab] (float32) and the
         decisions [L, B, T]. Under `sequence` granularity the decisions are made here, from
         the mean of each prompt's hidden states, and held in the cache for the decode steps."""
-        cfg, lr = self.config, self.lr_config
+        cfg, lr, st = self.config, self.lr_config, self.stages
         B, T = input_ids.shape
         if cache.length != 0:
             raise ValueError("prefill: the cache must be empty (call cache.reset())")
         if T > cache.max_len:
             raise ValueError(f"prefill: a prompt of {T} tokens does not fit a cache of {cache.max_len} slots")
-        nh, hd, qd = cfg.num_attention_heads, cfg.head_dim, cfg.q_dim
-        h = F.embedding(input_ids, self.embed).reshape(B * T, -1)
+        h = st.embed(input_ids, self.embed).reshape(B * T, -1)
         valid_f = valid.reshape(-1)
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        cos, sin = (t.reshape(B * T, -1) for t in self._rope(positions))
-        batch_of = torch.arange(B, device=self.device).repeat_interleave(T)
-        slot_of = torch.arange(T, device=self.device).repeat(B)
-        real_rows = valid_f.nonzero().squeeze(1)
+        positions = ((valid.long().cumsum(1) - 1).clamp(min=0)).reshape(-1)
+        slot0 = torch.zeros(1, dtype=torch.long, device=self.device)
+        n_real = valid.sum(1)
         # Per sequence: its number of real tokens if they are the last slots (left padding),
         # else -1. When all of them run a block, its attention is plain causal (no mask).
-        n_real = valid.sum(1)
         tail = torch.arange(T, device=self.device)[None, :] >= T - n_real[:, None]
         prompt_len = torch.where((valid == tail).all(1), n_real, -1).tolist()
+        total_real = int(n_real.sum())
+        compute = lr.kv_policy == "compute"
         if lr.granularity == "sequence":
             cache.decide_sequences()
         executed = torch.zeros(cfg.num_hidden_layers, B * T, dtype=torch.bool, device=self.device)
         for i, blk in enumerate(self.blocks):
+            if i in skip:                      # left out: no row runs it, its K/V are never read
+                continue
             if lr.granularity == "token":
                 _, index, count = ops.route_tokens(h, blk.router_w, blk.router_b, tau, valid_f)
             else:
                 p, index, count = ops.route_sequences(h.view(B, T, -1), blk.router_w, blk.router_b,
                                                       tau, valid)
                 cache.seq_exec[i] = p >= tau
-            n = 0 if i in skip else int(count[0])                   # host sync: prefill only
-            if i in skip and cache.seq_exec is not None:
-                cache.seq_exec[i] = False
+            n = int(count[0])                                          # host sync: prefill only
             rows = index[:n].long()
             executed[i, rows] = True
-            kv_rows = real_rows if lr.kv_policy == "compute" else rows
-            x_kv = self._rms(h[kv_rows], blk.norm1)
-            w, b, lora = self._kv_rows(blk)
-            k, v = self._split_kv(self._linear(x_kv, w, b, lora), cos[kv_rows], sin[kv_rows])
-            cache.k[i][batch_of[kv_rows], :, slot_of[kv_rows]] = k
-            cache.v[i][batch_of[kv_rows], :, slot_of[kv_rows]] = v
-            cache.valid[i][batch_of[kv_rows], slot_of[kv_rows]] = True
+            if compute and n < total_real:     # the real tokens that skip still write K/V
+                st.route(blk, h, cache, i, positions, slot0, T, True, run=executed[i] | ~valid_f)
             if n == 0:
                 continue
-            x = x_kv if n == kv_rows.numel() else self._rms(h[rows], blk.norm1)
-            w, b, lora = self._q_rows(blk)
-            q = apply_rope(self._linear(x, w, b, lora).view(n, nh, hd), cos[rows], sin[rows])
-            o = torch.empty_like(q)
-            per_seq = torch.bincount(batch_of[rows], minlength=B).tolist()
-            start = 0
-            for s, c in enumerate(per_seq):                        # rows are grouped by sequence
-                if c == 0:
-                    continue
-                sel = slice(start, start + c)
-                qs = q[sel].transpose(0, 1)[None]                  # [1, H, c, hd]
-                if c == prompt_len[s]:
-                    # Every token of the prompt runs, so its keys are exactly its slots
-                    # [T - c, T): plain causal attention, no mask.
-                    o_s = _attention(qs, cache.k[i, s:s + 1, :, T - c:T], cache.v[i, s:s + 1, :, T - c:T])
-                else:
-                    keys = cache.valid[i, s, :T][None, :] & (
-                        torch.arange(T, device=self.device)[None, :] <= slot_of[rows[sel]][:, None])
-                    o_s = _attention(qs, cache.k[i, s:s + 1, :, :T], cache.v[i, s:s + 1, :, :T],
-                                     keys[None, None])
-                o[sel] = o_s[0].transpose(0, 1)
-                start += c
-            a = self._linear(o.reshape(n, qd), blk.o_w, None, blk.o_lora)
-            mid = h[rows] + a
-            h[rows] = mid + self._mlp(self._rms(mid, blk.norm2), blk)
+            q = st.qkv(blk, h, index, count, cache, i, positions, slot0, T)
+            o = torch.empty(index.shape[0], cfg.q_dim, dtype=h.dtype, device=h.device)
+            o[:n] = st.attend_prefill(q, cache, i, rows, T, prompt_len)
+            st.finish(blk, h, o, index, count)
         cache.length = T
         cache.seen.copy_(valid.long().sum(1))
-        last = h.view(B, T, -1)[:, -1]
+        last = h.view(B, T, -1)[:, -1].contiguous()
         return self.logits(last), executed.view(-1, B, T)
 
     # -- decode ---------------------------------------------------------------------------------
 
-    def _attend_cache(self, q, cache: KVCache, i: int, index, count, length) -> torch.Tensor:
-        """q [M, H, head_dim] (RoPE applied; row j < count is sequence index[j]) against layer
-        i's cache slots below `length` -> [M, q_dim]; count-aware, no host reads."""
-        cfg = self.config
-        M = q.shape[0]
-        o = ops.decode_attention(q.reshape(M, cfg.num_attention_heads, cfg.head_dim).contiguous(),
-                                 cache.k[i], cache.v[i], cache.valid[i], index, count, length,
-                                 self.attn_scale)
-        return o.reshape(M, cfg.q_dim)
-
-    def _block_all_rows(self, h, q, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
-                        state: DecodeState, length, n_keys: int | None):
-        """Block i on every row of h [B, D], given their q [B, q_dim] (before RoPE). n_keys: the
-        filled slots when the host knows them (then the reference's attention math runs
-        directly, without its checks and host reads)."""
-        cfg = self.config
-        B, nh, hd = h.shape[0], cfg.num_attention_heads, cfg.head_dim
-        q = apply_rope(q.reshape(B, nh, hd), cos, sin)
-        if n_keys is None:
-            o = self._attend_cache(q, cache, i, state.ramp, state.all_rows, length)
-        else:
-            o = ops.decode_attention_math(q, cache.k[i], cache.v[i], cache.valid[i], self.attn_scale,
-                                          n_keys).reshape(B, cfg.q_dim)
-        mid = h + self._linear(o, blk.o_w, None, blk.o_lora)
-        return mid + self._mlp(self._rms(mid, blk.norm2), blk)
-
-    def _block_listed_rows(self, h, x, blk: FusedBlock, cos, sin, cache: KVCache, i: int,
-                           index, count, ramp, length) -> None:
-        """Block i on the rows index[:count] of h [B, D] (x: their input norm), in place, with
-        count-aware kernels and no host reads. Gathered space: row j < count is sequence
-        index[j]; its rows past the count hold garbage that is never scattered back."""
-        cfg = self.config
-        B, nh, hd = h.shape[0], cfg.num_attention_heads, cfg.head_dim
-        hg = torch.empty_like(h)
-        ops.gather_rows(h, index, count, hg)
-        w, b, lora = self._q_rows(blk)
-        q = self._linear(x, w, b, lora, index, count)
-        safe = index.clamp(min=0).long()
-        q = apply_rope(q.view(B, nh, hd), cos[safe], sin[safe])
-        o = self._attend_cache(q, cache, i, index, count, length)
-        a = self._linear(o, blk.o_w, None, blk.o_lora, ramp, count)
-        xn = ops.add_rmsnorm(hg, a, blk.norm2, self.eps, count)            # hg += a
-        ops.scatter_add_rows(h, a, index, count)        # two adds, rounded as the reference
-        ops.scatter_add_rows(h, self._mlp(xn, blk, ramp, count), index, count)  # rounds them
-
     def decode_state(self, cache: KVCache) -> DecodeState:
         """Static buffers for decoding after `prefill` on `cache`."""
-        cfg, B = self.config, cache.batch_size
+        cfg, B, L = self.config, cache.batch_size, len(self.blocks)
         seq_rows = None
+        executed = torch.zeros(L, B, dtype=torch.bool, device=self.device)
+        pred = torch.zeros(L, dtype=torch.bool, device=self.device)
         if self.lr_config.granularity == "sequence":
-            seq_rows = [ops.compact_rows(cache.seq_exec[i].contiguous()) for i in range(len(self.blocks))]
+            seq_rows = [ops.compact_rows(cache.seq_exec[i].contiguous()) for i in range(L)]
+            executed.copy_(cache.seq_exec)
+            pred.copy_(torch.cat([count for _, count in seq_rows]) > 0)
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
         return DecodeState(
             tokens=torch.zeros(B, dtype=torch.long, device=self.device),
-            positions=cache.seen.clone(),
-            slot=torch.full((1,), cache.length, dtype=torch.long, device=self.device),
+            positions=cache.seen.clone(), slot=slot, length=slot + 1,
             logits=torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=self.device),
-            executed=torch.zeros(cfg.num_hidden_layers, B, dtype=torch.bool, device=self.device),
-            ramp=self._ramp(B), all_rows=torch.full((1,), B, dtype=torch.int32, device=self.device),
+            executed=executed, pred=pred,
+            index=torch.arange(B, dtype=torch.int32, device=self.device),
+            count=torch.full((1,), B, dtype=torch.int32, device=self.device),
+            ramp=torch.arange(B, dtype=torch.int32, device=self.device),
+            all_rows=torch.full((1,), B, dtype=torch.int32, device=self.device),
             seq_rows=seq_rows)
+
+    def branch_mode(self, host_counts: bool | None = None) -> str:
+        """How a decode step skips a block body that no row runs: "host_predicate" (the
+        predicate read on the host: the CPU, or host_counts), "conditional_node" (a CUDA-graph
+        IF node, while a step is captured and the installed torch and CUDA have them), or
+        "early_exit" (the body's kernels run and exit at count 0: eager CUDA, or no nodes)."""
+        host_counts = self.host_counts if host_counts is None else host_counts
+        if self.device.type != "cuda" or host_counts:
+            return "host_predicate"
+        if torch.cuda.is_current_stream_capturing() and conditional_nodes_available():
+            return "conditional_node"
+        return "early_exit"
+
+    @contextlib.contextmanager
+    def _body_if(self, pred: torch.Tensor, mode: str):
+        """Run the enclosed block body only where pred (bool, 1 element, on the device) holds:
+        yields whether to emit it at all."""
+        if mode == "host_predicate":
+            yield read_predicate(pred)
+        elif mode == "conditional_node":
+            from torch._higher_order_ops.cudagraph_conditional_nodes import _if_body
+
+            with _if_body(pred):
+                yield True
+        else:
+            yield True
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, cache: KVCache, tau: float,
                     skip: frozenset[int] = frozenset(), host_counts: bool | None = None) -> None:
         """One token per sequence: state.tokens in, state.logits and state.executed out; the
-        cache, positions and slot advance. Every sequence of the batch is fed a token.
+        cache, positions, slot and length advance. Every sequence of the batch is fed a token.
 
-        A block in `skip` runs for no row, and at tau 0 every block runs for every row, with no
-        router (both known on the host). Otherwise the router decides; host_counts (None: the
-        engine's) says how the step learns the rows it picked. False (the default on CUDA):
-        static shapes and no host reads of device values (the counts stay on the device and the
-        listed rows run), so that the step can be captured in a CUDA graph. True (the default
-        elsewhere, where reading a count costs nothing): each block reads its count once and
-        runs all rows without gathering when all run, nothing when none does, and the listed
-        rows otherwise. cache.length keeps the prefill length (a captured graph cannot move a
-        Python int); state.slot is the next slot."""
-        cfg, lr = self.config, self.lr_config
-        B = cache.batch_size
-        if host_counts is None:
-            host_counts = self.host_counts
-        h = F.embedding(state.tokens, self.embed)                            # [B, D]
-        cos, sin = self._rope(state.positions)
-        length = state.slot + 1                         # the filled cache slots, this one included
-        n_keys = int(length[0]) if host_counts else None
+        Per block: left out if in `skip`; at tau 0 every row runs (no router); else the route
+        kernel (token granularity) or prefill's decisions (sequence) give the rows, and under
+        kv_policy "compute" the rows that skip get their K/V from the route kernel. The body
+        runs under the block's predicate (see branch_mode). host_counts (None: the engine's):
+        True reads the predicates on the host also on CUDA. cache.length keeps the prefill
+        length (a captured graph cannot move a Python int); state.slot is the next slot."""
+        lr, st = self.lr_config, self.stages
+        mode = self.branch_mode(host_counts)
+        self.last_branch_mode = mode
+        compute = lr.kv_policy == "compute"
+        h = st.embed(state.tokens, self.embed)                                # [B, D]
+        pos, slot = state.positions, state.slot
         for i, blk in enumerate(self.blocks):
-            index = count = None
             if i in skip:
-                run, rows = torch.zeros(B, dtype=torch.bool, device=self.device), "none"
-            elif tau == 0.0:                            # p >= 0 always: every row runs, no router
-                run, rows = torch.ones(B, dtype=torch.bool, device=self.device), "all"
+                continue
+            if tau == 0.0:                          # p >= 0 always: every row runs, no router
+                state.executed[i].fill_(True)
+                index, count, pred = state.ramp, state.all_rows, None
+            elif lr.granularity == "token":
+                index, count, pred = state.index, state.count, state.pred[i]
+                st.route(blk, h, cache, i, pos, slot, 1, compute, tau=tau, index=index,
+                         count=count, pred=pred, executed=state.executed[i])
             else:
-                if lr.granularity == "token":
-                    p, index, count = ops.route_tokens(h, blk.router_w, blk.router_b, tau)
-                    run = p >= tau
-                else:
-                    (index, count), run = state.seq_rows[i], cache.seq_exec[i]
-                rows = "listed"
-                if host_counts:
-                    n = int(count[0])
-                    rows = "all" if n == B else "none" if n == 0 else "listed"
-            state.executed[i].copy_(run)
-            visible = torch.ones_like(run) if lr.kv_policy == "compute" else run
-            cache.valid[i].index_copy_(1, state.slot, visible[:, None])
-            x = self._rms(h, blk.norm1)
-            if rows == "all":                           # one fused qkv matmul
-                q, kv = self._linear(x, blk.qkv_w, blk.qkv_b, blk.qkv_lora).split(
-                    [cfg.q_dim, 2 * cfg.kv_dim], dim=-1)
-            else:
-                w, b, lora = self._kv_rows(blk)
-                kv = self._linear(x, w, b, lora)                             # every row's K/V
-            k, v = self._split_kv(kv, cos, sin)
-            cache.k[i].index_copy_(2, state.slot, k[:, :, None])
-            cache.v[i].index_copy_(2, state.slot, v[:, :, None])
-            if rows == "all":
-                h = self._block_all_rows(h, q, blk, cos, sin, cache, i, state, length, n_keys)
-            elif rows == "listed":
-                self._block_listed_rows(h, x, blk, cos, sin, cache, i, index, count, state.ramp, length)
-        state.logits.copy_(self.logits(h))
+                (index, count), pred = state.seq_rows[i], state.pred[i]
+                if compute:
+                    st.route(blk, h, cache, i, pos, slot, 1, True, run=cache.seq_exec[i])
+            with self._body_if(pred, mode) if pred is not None else contextlib.nullcontext(True) as run:
+                if run:
+                    q = st.qkv(blk, h, index, count, cache, i, pos, slot, 1)
+                    o = st.attend_decode(q, cache, i, index, count, state.length)
+                    st.finish(blk, h, o, index, count)
+        st.head(h, self.final_norm, self.head, state.logits)
         state.positions += 1
         state.slot += 1
+        state.length += 1
+
+
+_tensor_item = torch.Tensor.item
+
+
+def read_predicate(pred: torch.Tensor) -> bool:
+    """A block's predicate read on the host: on the CPU, the stand-in of its CUDA-graph IF node
+    (the only host read of a decode step there)."""
+    return bool(_tensor_item(pred))
+
+
+def conditional_nodes_available() -> bool:
+    """Whether CUDA-graph IF nodes can be captured: torch exposes them and CUDA is 12.4+."""
+    if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return False
+    try:
+        major, minor = (int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (12, 4)

@@ -176,8 +176,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 
 # The ops of a decode step; a CUDA graph needs each of them to keep its count on the device
 # (a Triton or compiled kernel: the torch references read the count on the host).
-DECODE_OPS = ("route_tokens", "lora_linear", "gather_rows", "scatter_add_rows", "add_rmsnorm",
-              "decode_attention")
+DECODE_OPS = ("route_kv", "qkv_rope", "decode_attention", "linear_scatter_add", "norm_gate_up",
+              "norm_linear")
 
 
 def graphs_possible(device: torch.device) -> bool:
@@ -199,6 +199,7 @@ class _Runner:
         self.state: DecodeState | None = None
         self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
         self.busy = False
+        self.branch_mode: str | None = None    # how the graph skips a block body (engine.branch_mode)
 
     def start(self) -> None:
         """After prefill: point the decode state at the cache (the same buffers when a graph
@@ -209,6 +210,9 @@ class _Runner:
         else:
             self.state.positions.copy_(fresh.positions)
             self.state.slot.copy_(fresh.slot)
+            self.state.length.copy_(fresh.length)
+            self.state.executed.copy_(fresh.executed)
+            self.state.pred.copy_(fresh.pred)
             if fresh.seq_rows is not None:
                 for (index, count), (i2, c2) in zip(self.state.seq_rows, fresh.seq_rows):
                     index.copy_(i2)
@@ -219,6 +223,8 @@ class _Runner:
     def _eager_step(self) -> None:
         self.engine.decode_step(self.state, self.cache, self.tau, self.skip)
         torch.argmax(self.state.logits, -1, out=self.greedy_next)
+        if self.graph is None:
+            self.branch_mode = self.engine.last_branch_mode
 
     def step(self) -> None:
         if self.graph is None:
@@ -230,7 +236,8 @@ class _Runner:
         """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
         to the decode state and the cache, then capture one step."""
         st = self.state
-        saved = (st.positions.clone(), st.slot.clone(), st.tokens.clone(), int(st.slot[0]))
+        saved = (st.positions.clone(), st.slot.clone(), st.length.clone(), st.tokens.clone(),
+                 st.executed.clone(), st.pred.clone(), int(st.slot[0]))
         side = torch.cuda.Stream(device=self.engine.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -240,14 +247,18 @@ class _Runner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._eager_step()
+        self.branch_mode = self.engine.last_branch_mode
         self._restore(saved)               # capture records; restoring again is harmless
         self.graph = graph                 # only once captured
 
     def _restore(self, saved) -> None:
-        positions, slot, tokens, first_free = saved
+        positions, slot, length, tokens, executed, pred, first_free = saved
         self.state.positions.copy_(positions)
         self.state.slot.copy_(slot)
+        self.state.length.copy_(length)
         self.state.tokens.copy_(tokens)
+        self.state.executed.copy_(executed)
+        self.state.pred.copy_(pred)
         self.cache.valid[:, :, first_free:] = False
 
 
@@ -322,7 +333,11 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     every block), generated_block_flops_skipped_pct and generated_total_flops_skipped_pct over
     the generated tokens alone (see generated_flops: the decode steps, each fed token of each
     sequence once, its last token excluded since no step fed it; routers charged only where a
-    decode step ran them; None when no decode step ran), cuda_graph.
+    decode step ran them; None when no decode step ran), cuda_graph, and
+    skipped_block_mode: how the decode step skipped a block body that no row ran
+    ("conditional_node": a CUDA-graph IF node; "early_exit": its kernels ran and exited at
+    count 0, where IF nodes are not available or without a graph; "host_predicate": the
+    predicate read on the host, on the CPU; None without a decode step).
     """
     engine = model if isinstance(model, InferenceModel) else InferenceModel(_check_model(model))
     stop = [stop] if isinstance(stop, str) else stop
@@ -435,7 +450,8 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
     decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
     return _output(engine, host, tok, exec_prompt, exec_hist[:steps], mask, prefill_ms,
                    decode_ms if steps else None, runner.graph is not None,
-                   decode_router_blocks(engine, runner.tau, runner.skip))
+                   decode_router_blocks(engine, runner.tau, runner.skip),
+                   runner.branch_mode if steps else None)
 
 
 def _stopped(tok, tokens: list[int], stop) -> bool:
@@ -465,7 +481,7 @@ def generated_flops(engine: InferenceModel, executed: torch.Tensor, valid: torch
 
 
 def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decode_ms,
-            graph, router_blocks: int) -> GenerateOutput:
+            graph, router_blocks: int, branch_mode) -> GenerateOutput:
     B, steps = mask.shape[0], exec_hist.shape[0]
     # Decode step j fed new token j of each sequence; it counts for a sequence that kept that
     # token and went on (j < its length - 1).
@@ -491,6 +507,7 @@ def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decod
         "generated_block_flops_skipped_pct": generated.block_skipped_pct if steps else None,
         "generated_total_flops_skipped_pct": generated.total_skipped_pct if steps else None,
         "cuda_graph": graph,
+        "skipped_block_mode": branch_mode,
     }
     text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
     return GenerateOutput(tokens, text, executed, valid, stats)

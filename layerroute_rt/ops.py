@@ -4,7 +4,10 @@ Each op has a plain-torch reference `<op>_ref`, the oracle of every kernel test 
 fallback where no kernel exists. `LAYERROUTE_BACKEND=torch|triton|cuda`, read on every call,
 forces one backend; `cuda` means the compiled extension, whatever the device. The compiled ops
 are `torch.ops.layerroute.*`, declared in csrc/torch_bindings.cpp; their fake (meta) impls are
-registered here, so torch.compile and CUDA-graph capture see through them.
+registered here, so torch.compile and CUDA-graph capture see through them. The decode-step ops
+(the block stages and decode_attention) are torch.library custom ops `layerroute::<op>`
+defined here (`_custom_op`: explicit schema, fake impl), whose implementation picks the Triton
+kernel or the torch reference; the public function checks the arguments, then calls the op.
 
 Adding an op: its schema and kernels in csrc/, then a section below with the argument checks,
 the reference, the fake impl and the dispatching function.
@@ -82,6 +85,26 @@ def _compiled_op(op: str):
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"layerroute::{op}", key):
                     _COMPILED_KERNELS.add((op, device_type))
         return fake
+
+    return register
+
+
+# Ops defined here as torch.library custom ops (layerroute::<op>, each with a fake impl), by
+# qualified name: their Python implementation (the dispatch to the Triton kernel or the torch
+# reference). tests/launch_count.py runs these directly to count the launches inside them.
+PYTHON_OPS: dict[str, object] = {}
+
+
+def _custom_op(name: str, schema: str, mutates: tuple[str, ...]):
+    """Register the decorated function as the custom op layerroute::<name> (explicit schema:
+    the same on every torch version), with a fake impl that returns nothing (these ops only
+    write into their arguments); returns the op."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"layerroute::{name}", fn, mutates_args=mutates, schema=schema)
+        op.register_fake(lambda *args, **kwargs: None)
+        PYTHON_OPS[f"layerroute::{name}"] = fn
+        return op
 
     return register
 
@@ -182,11 +205,11 @@ def compact_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return compact_rows_ref(mask)
 
 
-# Triton versions of gather_rows and scatter_add_rows, and the fused row + RMSNorm ops below.
+# Triton versions of gather_rows and scatter_add_rows.
 try:
     from python_kernels import rows as _rows_triton
 
-    _TRITON_KERNELS.update(("gather_rows", "scatter_add_rows", "gather_rmsnorm", "add_rmsnorm"))
+    _TRITON_KERNELS.update(("gather_rows", "scatter_add_rows"))
 except ImportError:  # no Triton: the compiled ops or the references run
     _rows_triton = None
 
@@ -473,9 +496,9 @@ def lora_linear(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused row + RMSNorm ops of the per-block skip path (DESIGN.md section 4), in gathered space;
-# Triton kernels in python_kernels/rows.py. Inference only (no autograd). RMSNorm is Qwen2's:
-# normalise in float32, cast to x's dtype, then multiply by the weight (model.RMSNorm).
+# RMSNorm as Qwen2 computes it (model.RMSNorm): normalise in float32, cast to x's dtype, then
+# multiply by the weight. The block-stage references below use it (and the stage kernels
+# compute the same in their prologues).
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -500,138 +523,6 @@ def _check_norm(op: str, norm_weight: torch.Tensor, eps: float, x: torch.Tensor)
     _check_device(op, norm_weight, "norm_weight", x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: `eps` must be a number >= 0, got {eps!r}")
-
-
-def _check_norm_width(op: str, x: torch.Tensor) -> None:
-    """The Triton norm programs hold whole rows."""
-    if x.shape[1] > _rows_triton.MAX_NORM_WIDTH:
-        raise ValueError(
-            f"{op}: the Triton kernel takes rows of at most {_rows_triton.MAX_NORM_WIDTH} "
-            f"elements, got D = {x.shape[1]} in `x`"
-        )
-
-
-# gather_rmsnorm -------------------------------------------------------------------------------
-
-
-def _check_gather_rmsnorm(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    op = "gather_rmsnorm"
-    _check_rows(op, x, "x")
-    _check_index_count(op, index, count, x, "x")
-    _check_norm(op, norm_weight, eps, x)
-    for name, out in (("out_rows", out_rows), ("out_normed", out_normed)):
-        _check_rows(op, out, name)
-        _check_device(op, out, name, x, "x")
-        if out.dtype != x.dtype:
-            raise TypeError(
-                f"{op}: `{name}` must have the dtype of `x` ({x.dtype}), got {out.dtype}"
-            )
-        if out.shape != (index.shape[0], x.shape[1]):
-            raise ValueError(
-                f"{op}: `{name}` must have shape [M, D] = [{index.shape[0]}, {x.shape[1]}] "
-                f"(M from `index`, D from `x`), got {list(out.shape)}"
-            )
-
-
-def gather_rmsnorm_ref(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    _check_gather_rmsnorm(x, index, count, norm_weight, eps, out_rows, out_normed)
-    rows = _live_rows("gather_rmsnorm", index, count, x.shape[0], unique=False)
-    out_rows[: rows.numel()] = x[rows]
-    out_normed[: rows.numel()] = _rms_norm_ref(x[rows], norm_weight, eps)
-
-
-def gather_rmsnorm(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    out_rows: torch.Tensor,
-    out_normed: torch.Tensor,
-) -> None:
-    """out_rows[i] = x[index[i]] and out_normed[i] = RMSNorm(x[index[i]]) for i < count, from
-    one read of each row (the executing rows of a block and their input_layernorm). Rows of the
-    outputs past the count are left as they are.
-
-    x [N, D]; out_rows, out_normed [M, D] (dtype of x, contiguous); index int32 [M];
-    count int32 [1]; norm_weight [D] (float32, float16 or bfloat16); eps >= 0.
-    """
-    if backend("gather_rmsnorm", x.device) == "triton":
-        _check_gather_rmsnorm(x, index, count, norm_weight, eps, out_rows, out_normed)
-        _check_norm_width("gather_rmsnorm", x)
-        _rows_triton.gather_rmsnorm(x, index, count, norm_weight, float(eps), out_rows, out_normed)
-    else:
-        gather_rmsnorm_ref(x, index, count, norm_weight, eps, out_rows, out_normed)
-
-
-# add_rmsnorm ----------------------------------------------------------------------------------
-
-
-def _check_add_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> None:
-    op = "add_rmsnorm"
-    _check_rows(op, x, "x")
-    _check_rows(op, delta, "delta")
-    _check_device(op, delta, "delta", x, "x")
-    if delta.dtype != x.dtype:
-        raise TypeError(f"{op}: `delta` must have the dtype of `x` ({x.dtype}), got {delta.dtype}")
-    if delta.shape != x.shape:
-        raise ValueError(
-            f"{op}: `delta` must have the shape of `x` {list(x.shape)}, got {list(delta.shape)}"
-        )
-    _check_norm(op, norm_weight, eps, x)
-    if count.dtype != torch.int32:
-        raise TypeError(f"{op}: `count` must be int32, got {count.dtype}")
-    if count.shape != (1,):
-        raise ValueError(f"{op}: `count` must have shape [1], got {list(count.shape)}")
-    _check_device(op, count, "count", x, "x")
-
-
-def add_rmsnorm_ref(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> torch.Tensor:
-    _check_add_rmsnorm(x, delta, norm_weight, eps, count)
-    live = int(count[0])
-    if not 0 <= live <= x.shape[0]:
-        raise ValueError(f"add_rmsnorm: `count` is {live}, outside [0, M = {x.shape[0]}]")
-    x[:live] += delta[:live]
-    normed = torch.empty_like(x)
-    normed[:live] = _rms_norm_ref(x[:live], norm_weight, eps)
-    return normed
-
-
-def add_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, count: torch.Tensor
-) -> torch.Tensor:
-    """x[i] += delta[i] in place (rounded once to x's dtype) and normed[i] = RMSNorm(x[i]) for
-    i < count: the residual add after o_proj and post_attention_layernorm, in gathered space.
-    Returns normed [M, D], whose rows past the count are unset; those rows of x are untouched.
-
-    x, delta [M, D] (same dtype, contiguous); norm_weight [D] (float32, float16 or bfloat16);
-    eps >= 0; count int32 [1].
-    """
-    if backend("add_rmsnorm", x.device) == "triton":
-        _check_add_rmsnorm(x, delta, norm_weight, eps, count)
-        _check_norm_width("add_rmsnorm", x)
-        return _rows_triton.add_rmsnorm(x, delta, norm_weight, float(eps), count)
-    return add_rmsnorm_ref(x, delta, norm_weight, eps, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,9 +763,451 @@ def decode_attention(
     scale * q[i, h] . k[index[i], h // (H / HKV), s], applied to v; zeros where no slot is
     visible; rows from count on are not written. Inference only.
     """
+    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+    out = torch.empty_like(q) if out is None else out
+    _decode_attention_op(q, k, v, valid, index, count, length, float(scale), out)
+    return out
+
+
+@_custom_op("decode_attention", "(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor index, "
+            "Tensor count, Tensor length, float scale, Tensor(a!) out) -> ()", ("out",))
+def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> None:
     if backend("decode_attention", q.device) == "triton":
-        _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
-        return _decode_attention_triton.decode_attention(
-            q, k, v, valid, index, count, length, float(scale),
-            torch.empty_like(q) if out is None else out)
-    return decode_attention_ref(q, k, v, valid, index, count, length, scale, out)
+        _decode_attention_triton.decode_attention(q, k, v, valid, index, count, length, scale, out)
+    else:
+        decode_attention_ref(q, k, v, valid, index, count, length, scale, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused block stages (DESIGN.md section 4; issue 13): the kernels layerroute_rt.block runs a
+# block with, at prefill and at decode. Each reads its row list and count from device memory
+# (python_kernels/<op>.py); the references below read the count on the host (the oracle and the
+# CPU path). Inference only. Row spaces: h is the residual [N, D]; a row list (index int32 [M],
+# count int32 [1]) names the rows of h that run, and the stages' intermediate tensors (q, the
+# attention output, the MLP activation) are in gathered space (row i < count is h's index[i]).
+# RoPE angles are positions x inv_freq in float32 (rope_inv_freq: the engine's one table);
+# a row r of h caches its K/V at sequence r // rows_per_seq, slot slot[0] + r % rows_per_seq.
+
+try:
+    from python_kernels import linear_scatter_add as _linear_scatter_add_triton
+    from python_kernels import norm_gate_up as _norm_gate_up_triton
+    from python_kernels import norm_linear as _norm_linear_triton
+    from python_kernels import qkv_rope as _qkv_rope_triton
+    from python_kernels import route_kv as _route_kv_triton
+
+    _TRITON_KERNELS.update(("route_kv", "qkv_rope", "linear_scatter_add", "norm_gate_up",
+                            "norm_linear"))
+except ImportError:  # no Triton: the references run
+    _route_kv_triton = _qkv_rope_triton = _linear_scatter_add_triton = None
+    _norm_gate_up_triton = _norm_linear_triton = None
+
+
+def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """RoPE's inverse frequencies float32 [head_dim / 2], computed as HF computes them."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float()
+                           / head_dim)
+
+
+def _rope_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [n, heads, hd] at positions [n], cos and sin in x's dtype."""
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _check_lora_pair(op, lora_A, lora_B, n_out: int, k_in: int, x: torch.Tensor) -> None:
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError(f"{op}: `lora_A` and `lora_B` must both be tensors or both be None")
+    if lora_A is None:
+        return
+    if lora_A.dim() != 2 or lora_A.shape[1] != k_in or lora_A.shape[0] == 0:
+        raise ValueError(f"{op}: `lora_A` must be [r, {k_in}] with r >= 1, got {list(lora_A.shape)}")
+    if lora_B.shape != (n_out, lora_A.shape[0]):
+        raise ValueError(f"{op}: `lora_B` must be [{n_out}, {lora_A.shape[0]}], got {list(lora_B.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in _ROW_DTYPES:
+            raise TypeError(f"{op}: `{name}` must be float32, float16 or bfloat16, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: `{name}` must be contiguous")
+        _check_device(op, t, name, x, "h")
+
+
+def _check_weight(op, weight, k_in: int, x: torch.Tensor, rows: int | None = None) -> None:
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: `weight` must have the dtype of `h` ({x.dtype}), got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != k_in or (rows is not None and weight.shape[0] != rows):
+        want = f"[{rows if rows is not None else 'N'}, {k_in}]"
+        raise ValueError(f"{op}: `weight` must be {want}, got {list(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError(f"{op}: `weight` must be contiguous")
+    _check_device(op, weight, "weight", x, "h")
+
+
+def _check_out(op, name, out, shape, dtype, x) -> None:
+    if out.dtype != dtype:
+        raise TypeError(f"{op}: `{name}` must be {dtype}, got {out.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: `{name}` must have shape {list(shape)}, got {list(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: `{name}` must be contiguous")
+    _check_device(op, out, name, x, "h")
+
+
+def _check_kv_write(op, h, weight, bias, positions, inv_freq, k_cache, v_cache, valid, slot,
+                    rows_per_seq, n_heads: int | None) -> None:
+    """The K/V write of qkv_rope and route_kv: weight [H hd + 2 HKV hd, D] with H = n_heads
+    (None: any), bias, positions int64 [N], the cache layer and its slot."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: `k_cache` and `v_cache` must be [B, HKV, S, hd] alike, got "
+                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+    B, hkv, S, hd = k_cache.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != h.dtype or not t.is_contiguous():
+            raise ValueError(f"{op}: `{name}` must be contiguous in h's dtype ({h.dtype})")
+        _check_device(op, t, name, h, "h")
+    if hd % 2:
+        raise ValueError(f"{op}: the head dim must be even for RoPE, got {hd}")
+    n_q = weight.shape[0] - 2 * hkv * hd if weight.dim() == 2 else -1
+    if n_q < 0 or n_q % hd or (n_heads is not None and n_q != n_heads * hd):
+        raise ValueError(f"{op}: `weight` must have H x {hd} + 2 x {hkv} x {hd} rows (q, k, v; "
+                         f"hd and HKV from `k_cache`), got {list(weight.shape)}")
+    _check_weight(op, weight, h.shape[1], h)
+    if bias is None or bias.shape != (weight.shape[0],) or bias.dtype != h.dtype:
+        raise ValueError(f"{op}: `bias` must be [{weight.shape[0]}] in h's dtype")
+    if positions.dtype != torch.int64 or positions.shape != (h.shape[0],):
+        raise ValueError(f"{op}: `positions` must be int64 [{h.shape[0]}] (one per row of h), got "
+                         f"{positions.dtype} {list(positions.shape)}")
+    if inv_freq.dtype != torch.float32 or inv_freq.shape != (hd // 2,):
+        raise ValueError(f"{op}: `inv_freq` must be float32 [{hd // 2}], got {inv_freq.dtype} "
+                         f"{list(inv_freq.shape)}")
+    if valid.dtype != torch.bool or valid.shape != (B, S) or not valid.is_contiguous():
+        raise ValueError(f"{op}: `valid` must be contiguous bool [{B}, {S}], got {valid.dtype} "
+                         f"{list(valid.shape)}")
+    if slot.dtype != torch.int64 or slot.shape != (1,):
+        raise ValueError(f"{op}: `slot` must be int64 [1], got {slot.dtype} {list(slot.shape)}")
+    if isinstance(rows_per_seq, bool) or not isinstance(rows_per_seq, int) or rows_per_seq < 1 \
+            or h.shape[0] > B * rows_per_seq:
+        raise ValueError(f"{op}: `rows_per_seq` must be an int >= 1 with rows of h "
+                         f"({h.shape[0]}) <= B x rows_per_seq (B = {B}), got {rows_per_seq!r}")
+    for name, t in (("positions", positions), ("inv_freq", inv_freq), ("valid", valid), ("slot", slot)):
+        _check_device(op, t, name, h, "h")
+
+
+def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
+                  k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, q_too: bool):
+    """The reference's norm -> projection -> RoPE -> cache write for the rows (int64) of h;
+    returns q [n, H, hd] (RoPE applied) when q_too."""
+    _, hkv, _, hd = k_cache.shape
+    kv_dim = hkv * hd
+    q_dim = weight.shape[0] - 2 * kv_dim
+    x = _rms_norm_ref(h_rows, norm_weight, eps)
+    if q_too:
+        y = _lora_linear_torch(x, weight, bias, lora_A, lora_B, scale)
+    else:   # the k and v rows of the fused weight and of the LoRA's B
+        y = _lora_linear_torch(x, weight[q_dim:], bias[q_dim:], lora_A,
+                               None if lora_B is None else lora_B[q_dim:], scale)
+        y = torch.cat([y.new_empty(y.shape[0], q_dim), y], dim=1)
+    n = rows.numel()
+    pos = positions[rows]
+    k = _rope_ref(y[:, q_dim:q_dim + kv_dim].reshape(n, hkv, hd), pos, inv_freq)
+    v = y[:, q_dim + kv_dim:].reshape(n, hkv, hd)
+    b = rows // rows_per_seq
+    s = int(slot[0]) + rows % rows_per_seq
+    k_cache[b, :, s] = k
+    v_cache[b, :, s] = v
+    valid[b, s] = True
+    if q_too:
+        return _rope_ref(y[:, :q_dim].reshape(n, -1, hd), pos, inv_freq)
+    return None
+
+
+# route_kv -------------------------------------------------------------------------------------
+
+
+def _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
+                    eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
+                    v_cache, valid, slot, rows_per_seq, compute_kv) -> float:
+    op = "route_kv"
+    _check_rows(op, h, "h")
+    n = h.shape[0]
+    if (router_w is None) == (run is None):
+        raise ValueError(f"{op}: pass either a router (`router_w`, `router_b`) or the "
+                         "decisions `run`, not both or neither")
+    if router_w is not None:
+        if router_b is None:
+            raise ValueError(f"{op}: `router_b` is None but `router_w` is given")
+        for name, t in (("router_w", router_w), ("router_b", router_b)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError(f"{op}: `{name}` must be contiguous float32, got {t.dtype}")
+            _check_device(op, t, name, h, "h")
+        if router_w.shape != (h.shape[1],) or router_b.shape != (1,):
+            raise ValueError(f"{op}: `router_w` must be [{h.shape[1]}] and `router_b` [1], got "
+                             f"{list(router_w.shape)} and {list(router_b.shape)}")
+        if index is None or count is None or pred is None or executed is None:
+            raise ValueError(f"{op}: a router needs `index`, `count`, `pred` and `executed` to "
+                             "write its decisions into")
+        _check_out(op, "index", index, (n,), torch.int32, h)
+        _check_out(op, "count", count, (1,), torch.int32, h)
+        _check_out(op, "pred", pred, (), torch.bool, h) if pred.dim() == 0 else \
+            _check_out(op, "pred", pred, (1,), torch.bool, h)
+        _check_out(op, "executed", executed, (n,), torch.bool, h)
+        tau = check_tau(tau, f"{op}: `tau`")
+    else:
+        _check_out(op, "run", run, (n,), torch.bool, h)
+    if not isinstance(compute_kv, bool):
+        raise TypeError(f"{op}: `compute_kv` must be a bool, got {type(compute_kv).__name__}")
+    if compute_kv:
+        _check_norm(op, norm_weight, eps, h)
+        _check_kv_write(op, h, weight, bias, positions, inv_freq, k_cache, v_cache, valid, slot,
+                        rows_per_seq, None)
+        _check_lora_pair(op, lora_A, lora_B, weight.shape[0], h.shape[1], h)
+    return float(tau) if tau is not None else 0.0
+
+
+def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
+                 weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache, valid,
+                 slot, rows_per_seq, compute_kv: bool) -> None:
+    _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
+                    eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
+                    v_cache, valid, slot, rows_per_seq, compute_kv)
+    if router_w is not None:
+        run = torch.sigmoid(h.float() @ router_w + router_b) >= tau
+        idx, cnt = compact_rows_ref(run)
+        index.copy_(idx)
+        count.copy_(cnt)
+        executed.copy_(run)
+        pred.fill_(bool(cnt[0] > 0))
+    if compute_kv:
+        rows = (~run).nonzero().flatten()
+        if rows.numel():
+            _write_kv_ref(h[rows], rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
+                          k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, False)
+
+
+def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
+             weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache, valid,
+             slot, rows_per_seq, compute_kv: bool) -> None:
+    """The route stage. With a router (router_w float32 [D], router_b [1], tau): row r of h
+    [N, D] runs iff sigmoid(router_w . h[r] + router_b) >= tau; writes executed bool [N], index
+    int32 [N] and count int32 [1] as compact_rows makes them, and pred bool (count > 0).
+    Without one, `run` bool [N] gives the decisions. With compute_kv, the rows that do not run
+    get their K and V (input RMSNorm with norm_weight, the k/v rows of the fused qkv `weight`
+    [q_dim + 2 kv_dim, D] and `bias`, LoRA A/B stacked as the engine stacks them, RoPE) written
+    to the cache layer (k_cache, v_cache [B, HKV, S, hd], valid [B, S]) at slot[0] + r %
+    rows_per_seq of sequence r // rows_per_seq. One launch on the Triton path."""
+    tau = _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
+                          norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
+                          inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+    _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
+                 float(eps), weight, bias, lora_A, lora_B, float(scale), positions, inv_freq,
+                 k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+
+
+@_custom_op("route_kv", "(Tensor h, Tensor? router_w, Tensor? router_b, float tau, Tensor? run, "
+            "Tensor(a!)? index, Tensor(b!)? count, Tensor(c!)? pred, Tensor(d!)? executed, "
+            "Tensor norm_weight, float eps, Tensor weight, Tensor bias, Tensor? lora_A, "
+            "Tensor? lora_B, float scale, Tensor positions, Tensor inv_freq, Tensor(e!) k_cache, "
+            "Tensor(f!) v_cache, Tensor(g!) valid, Tensor slot, int rows_per_seq, bool compute_kv) -> ()",
+            ("index", "count", "pred", "executed", "k_cache", "v_cache", "valid"))
+def _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
+                 weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache,
+                 valid, slot, rows_per_seq, compute_kv) -> None:
+    if backend("route_kv", h.device) == "triton":
+        _route_kv_triton.route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
+                                  norm_weight, float(eps), weight, bias, lora_A, lora_B,
+                                  float(scale), positions, inv_freq, k_cache, v_cache, valid,
+                                  slot, rows_per_seq, compute_kv)
+    else:
+        route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
+                     eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
+                     v_cache, valid, slot, rows_per_seq, compute_kv)
+
+
+# qkv_rope -------------------------------------------------------------------------------------
+
+
+def _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                    positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out):
+    op = "qkv_rope"
+    _check_rows(op, h, "h")
+    _check_index_count(op, index, count, h, "h")
+    _check_norm(op, norm_weight, eps, h)
+    hd = k_cache.shape[-1] if k_cache.dim() == 4 else 1
+    if q_out.dim() != 2 or q_out.shape[0] != index.shape[0] or q_out.shape[1] % hd:
+        raise ValueError(f"{op}: `q_out` must be [M, H x hd] = [{index.shape[0]}, H x {hd}] (M "
+                         f"from `index`), got {list(q_out.shape)}")
+    _check_out(op, "q_out", q_out, tuple(q_out.shape), h.dtype, h)
+    _check_kv_write(op, h, weight, bias, positions, inv_freq, k_cache, v_cache, valid, slot,
+                    rows_per_seq, q_out.shape[1] // hd)
+    _check_lora_pair(op, lora_A, lora_B, weight.shape[0], h.shape[1], h)
+
+
+def qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                 positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
+    _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                    positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+    rows = _live_rows("qkv_rope", index, count, h.shape[0], unique=False)
+    if rows.numel():
+        q = _write_kv_ref(h[rows], rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
+                          k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, True)
+        q_out[: rows.numel()] = q.reshape(rows.numel(), -1)
+
+
+def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
+             inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
+    """The qkv stage: for i < count, row r = index[i] of h [N, D]: xn = RMSNorm(h[r]) with
+    norm_weight; [q | k | v] = xn weight^T + bias + scale (xn A^T) B^T; q_out[i] = RoPE(q) at
+    positions[r] ([M, H hd]); K = RoPE(k) and V = v written to the cache layer at slot
+    slot[0] + r % rows_per_seq of sequence r // rows_per_seq, whose valid entry is set. Rows of
+    q_out from count on are not written. One launch on the Triton path."""
+    _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                    positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+    _qkv_rope_op(h, index, count, norm_weight, float(eps), weight, bias, lora_A, lora_B,
+                 float(scale), positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq,
+                 q_out)
+
+
+@_custom_op("qkv_rope", "(Tensor h, Tensor index, Tensor count, Tensor norm_weight, float eps, "
+            "Tensor weight, Tensor bias, Tensor? lora_A, Tensor? lora_B, float scale, "
+            "Tensor positions, Tensor inv_freq, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+            "Tensor(c!) valid, Tensor slot, int rows_per_seq, Tensor(d!) q_out) -> ()",
+            ("k_cache", "v_cache", "valid", "q_out"))
+def _qkv_rope_op(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                 positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
+    if backend("qkv_rope", h.device) == "triton":
+        _qkv_rope_triton.qkv_rope(h, index, count, norm_weight, float(eps), weight, bias, lora_A,
+                                  lora_B, float(scale), positions, inv_freq, k_cache, v_cache,
+                                  valid, slot, rows_per_seq, q_out)
+    else:
+        qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                     positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+
+
+# linear_scatter_add ---------------------------------------------------------------------------
+
+
+def _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual):
+    op = "linear_scatter_add"
+    _check_rows(op, x, "x")
+    _check_rows(op, residual, "residual")
+    _check_index_count(op, index, count, residual, "residual")
+    if x.shape[0] != index.shape[0]:
+        raise ValueError(f"{op}: `x` must have M = {index.shape[0]} rows (from `index`), got "
+                         f"{x.shape[0]}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"{op}: `residual` must have the dtype of `x` ({x.dtype}), got "
+                        f"{residual.dtype}")
+    _check_device(op, x, "x", residual, "residual")
+    _check_weight(op, weight, x.shape[1], x, residual.shape[1])
+    _check_lora_pair(op, lora_A, lora_B, weight.shape[0], x.shape[1], x)
+
+
+def linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
+    _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
+    rows = _live_rows("linear_scatter_add", index, count, residual.shape[0], unique=True)
+    if rows.numel():
+        y = _lora_linear_torch(x[: rows.numel()], weight, None, lora_A, lora_B, scale)
+        residual[rows] = residual[rows] + y
+
+
+def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
+    """residual[index[i]] += x[i] weight^T + scale (x[i] A^T) B^T for i < count (o_proj and
+    down_proj with the residual add in the epilogue). x [M, K] in gathered space, weight
+    [D, K], residual [N, D] (x's dtype); index[:count] unique rows of the residual. The product
+    is rounded to the residual's dtype, then the sum. One launch on the Triton path."""
+    _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
+    _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, float(scale), residual)
+
+
+@_custom_op("linear_scatter_add", "(Tensor x, Tensor index, Tensor count, Tensor weight, "
+            "Tensor? lora_A, Tensor? lora_B, float scale, Tensor(a!) residual) -> ()", ("residual",))
+def _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
+    if backend("linear_scatter_add", x.device) == "triton":
+        _linear_scatter_add_triton.linear_scatter_add(x, index, count, weight, lora_A, lora_B,
+                                                      float(scale), residual)
+    else:
+        linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual)
+
+
+# norm_gate_up ---------------------------------------------------------------------------------
+
+
+def _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out):
+    op = "norm_gate_up"
+    _check_rows(op, h, "h")
+    _check_index_count(op, index, count, h, "h")
+    _check_norm(op, norm_weight, eps, h)
+    _check_weight(op, weight, h.shape[1], h)
+    if weight.shape[0] % 2:
+        raise ValueError(f"{op}: `weight` must be [2 I, D] (gate rows, then up rows), got "
+                         f"{list(weight.shape)}")
+    _check_out(op, "out", out, (index.shape[0], weight.shape[0] // 2), h.dtype, h)
+    _check_lora_pair(op, lora_A, lora_B, weight.shape[0], h.shape[1], h)
+
+
+def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
+    _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+    rows = _live_rows("norm_gate_up", index, count, h.shape[0], unique=False)
+    if rows.numel():
+        gu = _lora_linear_torch(_rms_norm_ref(h[rows], norm_weight, eps), weight, None, lora_A,
+                                lora_B, scale)
+        inter = out.shape[1]
+        out[: rows.numel()] = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+
+
+def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
+    """out[i] = silu(g) * u with [g | u] = xn weight^T + scale (xn A^T) B^T and xn =
+    RMSNorm(h[index[i]]) with norm_weight, for i < count (post_attention_layernorm, gate_proj,
+    up_proj and the activation). weight [2 I, D] (gate rows first); out [M, I] in h's dtype,
+    rows from count on not written. One launch on the Triton path."""
+    _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+    _norm_gate_up_op(h, index, count, norm_weight, float(eps), weight, lora_A, lora_B,
+                     float(scale), out)
+
+
+@_custom_op("norm_gate_up", "(Tensor h, Tensor index, Tensor count, Tensor norm_weight, "
+            "float eps, Tensor weight, Tensor? lora_A, Tensor? lora_B, float scale, "
+            "Tensor(a!) out) -> ()", ("out",))
+def _norm_gate_up_op(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
+    if backend("norm_gate_up", h.device) == "triton":
+        _norm_gate_up_triton.norm_gate_up(h, index, count, norm_weight, float(eps), weight,
+                                          lora_A, lora_B, float(scale), out)
+    else:
+        norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+
+
+# norm_linear ----------------------------------------------------------------------------------
+
+
+def _check_norm_linear(h, norm_weight, eps, weight, out):
+    op = "norm_linear"
+    _check_rows(op, h, "h")
+    _check_norm(op, norm_weight, eps, h)
+    _check_weight(op, weight, h.shape[1], h)
+    _check_out(op, "out", out, (h.shape[0], weight.shape[0]), torch.float32, h)
+
+
+def norm_linear_ref(h, norm_weight, eps, weight, out) -> torch.Tensor:
+    _check_norm_linear(h, norm_weight, eps, weight, out)
+    out.copy_(torch.nn.functional.linear(_rms_norm_ref(h, norm_weight, eps), weight))
+    return out
+
+
+def norm_linear(h, norm_weight, eps, weight, out) -> torch.Tensor:
+    """out = float32(RMSNorm(h) weight^T) (the final norm and the lm_head; the product rounded to
+    h's dtype first, as F.linear in h's dtype). h [N, D], weight [V, D], out float32 [N, V].
+    One launch on the Triton path."""
+    _check_norm_linear(h, norm_weight, eps, weight, out)
+    _norm_linear_op(h, norm_weight, float(eps), weight, out)
+    return out
+
+
+@_custom_op("norm_linear", "(Tensor h, Tensor norm_weight, float eps, Tensor weight, "
+            "Tensor(a!) out) -> ()", ("out",))
+def _norm_linear_op(h, norm_weight, eps, weight, out) -> None:
+    if backend("norm_linear", h.device) == "triton":
+        _norm_linear_triton.norm_linear(h, norm_weight, float(eps), weight, out)
+    else:
+        norm_linear_ref(h, norm_weight, eps, weight, out)

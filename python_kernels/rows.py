@@ -2,19 +2,14 @@
 
 * gather_rows:      out[i] = x[index[i]]
 * scatter_add_rows: residual[index[i]] += src[i] (added in float32, rounded once)
-* gather_rmsnorm:   out_rows[i] = x[index[i]] and out_normed[i] = RMSNorm(x[index[i]]), one
-                    read of x for both (the block input and its input_layernorm)
-* add_rmsnorm:      x[i] += delta[i] in place and normed[i] = RMSNorm(x[i]) (the residual add
-                    after o_proj followed by post_attention_layernorm)
 
 each for i < count, with count int32 [1] read from device memory: a program whose rows all lie
 past it exits before loading anything else, and rows past it are left untouched, so the host
 never reads the count and a whole step can be captured in a CUDA graph.
 
-RMSNorm follows Qwen2 (and model.RMSNorm): normalise in float32, cast to x's dtype, then
-multiply by the weight. A norm program holds whole rows (BLOCK_D >= D, up to MAX_NORM_WIDTH), so
-it reads each row once. Arguments are checked by the dispatch functions in layerroute_rt.ops;
-all tensors here are contiguous, rows of width D.
+Arguments are checked by the dispatch functions in layerroute_rt.ops; all tensors here are
+contiguous, rows of width D. (The block stages fuse their norms into the projections:
+python_kernels/qkv_rope.py, norm_gate_up.py.)
 """
 from __future__ import annotations
 
@@ -25,10 +20,6 @@ import triton.language as tl
 # Elements a copy program moves at a time, and the widest chunk of a row it takes.
 _COPY_TILE = 8192
 _MAX_COPY_BLOCK_D = 1024
-# Elements a norm program holds at a time (fewer: it keeps float32 copies of its rows), and
-# the widest row it takes (it holds whole rows).
-_NORM_TILE = 4096
-MAX_NORM_WIDTH = 65536
 
 
 def _warps(tile: int) -> int:
@@ -40,12 +31,6 @@ def _copy_blocks(d: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D) of the gather / scatter programs, grid (M / BLOCK_M, D / BLOCK_D)."""
     block_d = min(triton.next_power_of_2(max(d, 1)), _MAX_COPY_BLOCK_D)
     return max(1, _COPY_TILE // block_d), block_d
-
-
-def _norm_blocks(d: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_D) of the norm programs: whole rows, grid (M / BLOCK_M,)."""
-    block_d = triton.next_power_of_2(max(d, 1))
-    return max(1, _NORM_TILE // block_d), block_d
 
 
 @triton.jit
@@ -82,56 +67,6 @@ def _scatter_add_rows_kernel(residual_ptr, src_ptr, index_ptr, count_ptr, M, D,
     tl.store(at, total.to(residual_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _rms_norm(x, w_ptr, cols, col_ok, D, eps):
-    """Qwen2 RMSNorm of whole rows x [BLOCK_M, BLOCK_D] (0 past D), in float32: weight times
-    (x / rms(x) computed in float32 and cast to x's dtype)."""
-    xf = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
-    normed = (xf * inv_rms[:, None]).to(x.dtype).to(tl.float32)
-    return normed * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _gather_rmsnorm_kernel(x_ptr, index_ptr, count_ptr, w_ptr, rows_ptr, normed_ptr, M, D, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    count = tl.load(count_ptr)
-    first = tl.program_id(0) * BLOCK_M
-    if first >= count:
-        return
-    i = first + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    live = (i < count) & (i < M)
-    src = tl.load(index_ptr + i, mask=live, other=0).to(tl.int64)
-    ok = live[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=ok, other=0.0)
-    at = i.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(rows_ptr + at, x, mask=ok)
-    normed = _rms_norm(x, w_ptr, cols, col_ok, D, eps)
-    tl.store(normed_ptr + at, normed.to(normed_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, count_ptr, normed_ptr, M, D, eps,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    count = tl.load(count_ptr)
-    first = tl.program_id(0) * BLOCK_M
-    if first >= count:
-        return
-    i = first + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    ok = ((i < count) & (i < M))[:, None] & col_ok[None, :]
-    at = i.to(tl.int64)[:, None] * D + cols[None, :]
-    total = (tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-             + tl.load(delta_ptr + at, mask=ok, other=0.0).to(tl.float32))
-    x = total.to(x_ptr.dtype.element_ty)  # the residual is rounded once, then normalised
-    tl.store(x_ptr + at, x, mask=ok)
-    normed = _rms_norm(x, w_ptr, cols, col_ok, D, eps)
-    tl.store(normed_ptr + at, normed.to(normed_ptr.dtype.element_ty), mask=ok)
-
-
 # Launch wrappers: x/out/residual/src/delta [rows, D], index int32 [M], count int32 [1].
 
 
@@ -153,26 +88,3 @@ def scatter_add_rows(residual: torch.Tensor, src: torch.Tensor, index: torch.Ten
         _scatter_add_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d))](
             residual, src, index, count, m, d, BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=_warps(block_m * block_d))
-
-
-def gather_rmsnorm(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor,
-                   norm_weight: torch.Tensor, eps: float, out_rows: torch.Tensor,
-                   out_normed: torch.Tensor) -> None:
-    m, d = out_rows.shape
-    block_m, block_d = _norm_blocks(d)
-    if m and d:
-        _gather_rmsnorm_kernel[(triton.cdiv(m, block_m),)](
-            x, index, count, norm_weight, out_rows, out_normed, m, d, eps,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_warps(block_m * block_d))
-
-
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                count: torch.Tensor) -> torch.Tensor:
-    m, d = x.shape
-    normed = torch.empty_like(x)
-    block_m, block_d = _norm_blocks(d)
-    if m and d:
-        _add_rmsnorm_kernel[(triton.cdiv(m, block_m),)](
-            x, delta, norm_weight, count, normed, m, d, eps,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_warps(block_m * block_d))
-    return normed

@@ -140,13 +140,37 @@ def test_device_count_path_generates_as_the_reference(routed, granularity, kv_po
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
-def test_device_count_path_with_triton_kernels(routed, monkeypatch):
-    """The same with every op on its Triton kernel (the interpreter): prefill and decode."""
+@pytest.mark.parametrize("granularity, kv_policy, merge", [
+    ("token", "compute", True), ("token", "drop", False), ("sequence", "compute", False),
+    ("sequence", "drop", True)])
+def test_device_count_path_with_triton_kernels(routed, monkeypatch, granularity, kv_policy, merge):
+    """The same with every op on its Triton kernel (the interpreter), prefill and decode, on a
+    ragged batch whose blocks both run and skip: token for token the reference path's."""
+    routed.lr_config = dataclasses.replace(routed.lr_config, granularity=granularity, kv_policy=kv_policy)
     monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
-    engine = lr.InferenceModel(routed, host_counts=False)
+    engine = lr.InferenceModel(routed, merge=merge, host_counts=False)
     out = lr.generate(engine, PROMPTS, max_new_tokens=4, eos_token_id=None)
     monkeypatch.delenv("LAYERROUTE_BACKEND")
     assert out.tokens == reference_greedy(routed, PROMPTS, 4)
+    real = out.executed[:, out.valid]
+    assert real.any() and not real.all()
+    assert out.stats["skipped_block_mode"] == "host_predicate"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
+def test_triton_path_skip_layers_and_dense(routed, monkeypatch):
+    """skip_layers blocks (left out of the step) and tau 0 (no router) through the Triton
+    kernels equal the reference path."""
+    monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
+    engine = lr.InferenceModel(routed, host_counts=False)
+    skipped = lr.generate(engine, PROMPTS, max_new_tokens=3, eos_token_id=None, skip_layers=[1])
+    dense = lr.generate(engine, PROMPTS, max_new_tokens=3, eos_token_id=None, tau=0.0)
+    monkeypatch.delenv("LAYERROUTE_BACKEND")
+    assert skipped.tokens == reference_greedy(routed, PROMPTS, 3, skip_layers=[1])
+    assert dense.tokens == reference_greedy(routed, PROMPTS, 3, tau=0.0)
+    assert skipped.stats["skip_rate_per_layer"][1] == 1.0
+    assert dense.stats["skip_rate_per_layer"] == [0.0, 0.0, 0.0]
 
 
 def test_merged_equals_unmerged(routed):
@@ -377,9 +401,12 @@ def no_host_reads():
                     reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set without CUDA)")
 @pytest.mark.parametrize("kv_policy", ["compute", "drop"])
 def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
-    """With the Triton kernels (interpreter on CPU), a decode step never reads a device value
-    into Python: the counts stay on the device, as a CUDA graph needs. It still matches the
-    reference path."""
+    """With the Triton kernels (interpreter on CPU), a decode step reads no device value into
+    Python but the blocks' predicates, once per block (engine.read_predicate: the CPU's
+    stand-in for the CUDA graph's IF nodes): the counts stay on the device, as a CUDA graph
+    needs. It still matches the reference path."""
+    from layerroute_rt import engine as engine_module
+
     monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
     routed.lr_config = dataclasses.replace(routed.lr_config, kv_policy=kv_policy)
     engine = lr.InferenceModel(routed, merge=False)
@@ -388,8 +415,14 @@ def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
     logits, _ = engine.prefill(ids, ids != 0, cache, 0.5)
     state = engine.decode_state(cache)
     state.tokens.copy_(logits.argmax(-1))
+    reads = []
+    real = engine_module.read_predicate
+    monkeypatch.setattr(engine_module, "read_predicate", lambda p: reads.append(p) or real(p))
     with no_host_reads():
         engine.decode_step(state, cache, 0.5, host_counts=False)
+    assert len(reads) == len(engine.blocks)
+    assert all(p._base is state.pred or p.data_ptr() in
+               {state.pred[i].data_ptr() for i in range(len(engine.blocks))} for p in reads)
     monkeypatch.delenv("LAYERROUTE_BACKEND")
     ref_cache = KVCache(routed.config, 2, 8, torch.float32, "cpu")
     routed(ids, attention_mask=ids != 0, cache=ref_cache)
@@ -437,3 +470,41 @@ def test_cuda_decode_step_does_not_synchronise(tiny):
         engine.decode_step(state, cache, 0.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_engine_holds_no_second_copy_of_the_weights(tiny, merge):
+    """The fused weights replace the source's: unmerged, the source model and the engine hold
+    the checkpoint's bytes once; merged, only the projections whose LoRA is merged in (q, k,
+    v, o by default) exist twice (W in the source, W + scale B A in the engine). At
+    Qwen2.5-0.5B's shapes that is 9% of the weights (under issue 13's 1.1x)."""
+    model = lr.load(tiny[0])
+    model.randomize_adapter(seed=1)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    checkpoint_bytes = _storage_bytes(frozen)
+    engine = lr.InferenceModel(model, merge=merge)
+    fused = [t for b in engine.blocks for t in (b.qkv_w, b.qkv_b, b.o_w, b.gate_up_w, b.down_w)]
+    held = _storage_bytes([p for p in model.parameters() if not p.requires_grad] + fused)
+    cfg = model.config
+    shapes = cfg.linear_shapes()
+    merged = sum(shapes[n][0] * shapes[n][1] for n in model.lr_config.targets) * 4 * len(model.blocks)
+    assert held == checkpoint_bytes + (merged if merge else 0)
+    big = lr.BackboneConfig(**{k: v for k, v in QWEN25_05B.items()})
+    big_shapes = big.linear_shapes()
+    per_block = sum(o * i for o, i in big_shapes.values()) + 2 * big.hidden_size + \
+        big_shapes["q_proj"][0] + 2 * big_shapes["k_proj"][0]
+    total = big.num_hidden_layers * per_block + big.vocab_size * big.hidden_size + big.hidden_size
+    extra = big.num_hidden_layers * sum(big_shapes[n][0] * big_shapes[n][1] for n in model.lr_config.targets)
+    assert (total + extra) / total < 1.1
+    # the engine still generates as the reference path, and the source model still runs as
+    # it did (its projections are views of the engine's tensors, or its own)
+    assert lr.generate(engine, PROMPTS, max_new_tokens=3, eos_token_id=None).tokens == \
+        reference_greedy(model, PROMPTS, 3)

@@ -43,6 +43,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Every stage-kernel shape in bf16 (slow to compile; the CI runs a subset).
+ALL_STAGE_SHAPES = os.environ.get("LAYERROUTE_COMPILE_ALL_STAGES", "") == "1"
 # Shared memory one block may use (opt-in maximum), by architecture.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # The errors for which Triton's autotuner drops a config (any other stops the launch).
@@ -151,7 +153,8 @@ def _cases():
 
 
 def _dtype_cases(dt: torch.dtype, every_shape: bool):
-    from python_kernels import decode_attention, lora_linear, router, rows
+    from python_kernels import (decode_attention, linear_scatter_add, lora_linear, norm_gate_up,
+                                norm_linear, qkv_rope, route_kv, router, rows)
 
     tag = str(dt).removeprefix("torch.")
     cases = []
@@ -159,8 +162,10 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
     def add(name, fn):
         cases.append((f"{name} {tag}", fn))
 
-    def pick(shapes, short):
-        return shapes if every_shape else [shapes[i] for i in short]
+    def pick(shapes, short, every=None):
+        if every_shape:
+            return shapes if every is None else [shapes[i] for i in every]
+        return [shapes[i] for i in short]
 
     def rnd(*shape, dtype=dt, grad=False):
         return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
@@ -232,8 +237,6 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
             x, index = rnd(2 * m, d), idx(m, 2 * m)
             rows.gather_rows(x, index, one, rnd(m, d))
             rows.scatter_add_rows(x, rnd(m, d), index, one)
-            rows.gather_rmsnorm(x, index, one, rnd(d), 1e-6, rnd(m, d), rnd(m, d))
-            rows.add_rmsnorm(rnd(m, d), rnd(m, d), rnd(d), 1e-6, one)
         add(f"rows M={m} D={d}", row_ops)
 
     # --- decode attention: (rows, q heads, KV heads, head dim, slots) of Qwen2.5-0.5B, 1.5B and
@@ -247,6 +250,49 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
                 torch.ones(batch, s, dtype=torch.bool), idx(m, batch), one,
                 torch.full((1,), s, dtype=torch.int64), hd ** -0.5, rnd(m, h, hd))
         add(f"decode_attention M={m} H={h} HKV={hkv} D={hd} S={s}", attention)
+    # --- fused block stages: (rows, D, H, HKV, head dim, I, LoRA rank) of Qwen2.5-0.5B at decode
+    # (1 and 8 rows) and prefill, 7B at decode, odd sizes; rank 0 (merged) or 24 (q, k, v
+    # stacked, unmerged); route_kv routed or not, with and without the K/V of skipping rows.
+    # The stage kernels take long to compile: the CI compiles bf16 at 8 rows of 0.5B with an
+    # unmerged LoRA and fp32 at odd sizes; LAYERROUTE_COMPILE_ALL_STAGES=1 every shape in every
+    # dtype, both route_kv modes (by hand: `--match stages`).
+    for m, d, h, hkv, hd, inter, rank in pick([
+        (1, 896, 14, 2, 64, 4864, 0), (8, 896, 14, 2, 64, 4864, 24), (2048, 896, 14, 2, 64, 4864, 24),
+        (1, 3584, 28, 4, 128, 18944, 0), (7, 53, 6, 2, 12, 45, 15)],
+            short=(4,) if dt == torch.float32 or ALL_STAGE_SHAPES else (),
+            every=(1,) if not ALL_STAGE_SHAPES else None):
+        def stages(m=m, d=d, h=h, hkv=hkv, hd=hd, inter=inter, rank=rank):
+            n_out = (h + 2 * hkv) * hd
+            A = rnd(rank, d, dtype=torch.float32) if rank else None
+            B = rnd(n_out, rank, dtype=torch.float32) if rank else None
+            x, index, count = rnd(m, d), idx(m, m), torch.full((1,), m, dtype=torch.int32)
+            positions = torch.zeros(m, dtype=torch.int64)
+            inv_freq = torch.rand(hd // 2)
+            k, v = rnd(m, hkv, 8, hd), rnd(m, hkv, 8, hd)
+            valid, slot = torch.zeros(m, 8, dtype=torch.bool), torch.zeros(1, dtype=torch.int64)
+            w, bias = rnd(n_out, d), rnd(n_out)
+            qkv_rope.qkv_rope(x, index, count, rnd(d), 1e-6, w, bias, A, B, 2.0, positions,
+                              inv_freq, k, v, valid, slot, 1, rnd(m, h * hd))
+            for routed in (True, False) if ALL_STAGE_SHAPES else (True,):
+                for kv in (True,):
+                    route_kv.route_kv(
+                        x, rnd(d, dtype=torch.float32) if routed else None,
+                        rnd(1, dtype=torch.float32) if routed else None, 0.5,
+                        None if routed else torch.zeros(m, dtype=torch.bool), index, count,
+                        torch.zeros(1, dtype=torch.bool), torch.zeros(m, dtype=torch.bool),
+                        rnd(d), 1e-6, w, bias, A, B, 2.0, positions, inv_freq, k, v, valid, slot,
+                        1, kv)
+            A2 = rnd(rank, inter, dtype=torch.float32) if rank else None
+            B2 = rnd(d, rank, dtype=torch.float32) if rank else None
+            linear_scatter_add.linear_scatter_add(rnd(m, inter), index, count, rnd(d, inter), A2,
+                                                  B2, 2.0, rnd(m, d))
+            A3 = rnd(rank, d, dtype=torch.float32) if rank else None
+            B3 = rnd(2 * inter, rank, dtype=torch.float32) if rank else None
+            norm_gate_up.norm_gate_up(x, index, count, rnd(d), 1e-6, rnd(2 * inter, d), A3, B3,
+                                      2.0, rnd(m, inter))
+            norm_linear.norm_linear(x, rnd(d), 1e-6, rnd(1000, d),
+                                    torch.empty(m, 1000, dtype=torch.float32))
+        add(f"stages M={m} D={d} H={h} HKV={hkv} hd={hd} I={inter} r={rank}", stages)
     return cases
 
 

@@ -1,0 +1,133 @@
+"""The decode-step ops are torch.library custom ops (layerroute::<op>) with fake impls:
+torch.library.opcheck (schema and mutations, fake tensors, autograd registration, AOT
+dispatch with dynamic shapes) passes for each, on the torch references and, under the
+interpreter, on the Triton kernels; and torch.compile traces a stage without a graph break."""
+import os
+
+import pytest
+import torch
+
+from layerroute_rt import ops
+
+D, H, HKV, HD, INTER = 24, 4, 2, 8, 20
+QD, KVD = H * HD, HKV * HD
+N = 3
+
+
+def _g():
+    return torch.Generator().manual_seed(0)
+
+
+def _cache():
+    k = torch.zeros(N, HKV, 6, HD)
+    return k, torch.zeros_like(k), torch.zeros(N, 6, dtype=torch.bool)
+
+
+def _rows(live=2):
+    return (torch.tensor([2, 0, -1], dtype=torch.int32), torch.tensor([live], dtype=torch.int32))
+
+
+def _qkv_args(lora: bool):
+    g = _g()
+    index, count = _rows()
+    k, v, valid = _cache()
+    return (torch.randn(N, D, generator=g), index, count, torch.rand(D, generator=g) + 0.5, 1e-6,
+            torch.randn(QD + 2 * KVD, D, generator=g) / 5, torch.randn(QD + 2 * KVD, generator=g),
+            torch.randn(6, D, generator=g) if lora else None,
+            torch.randn(QD + 2 * KVD, 6, generator=g) if lora else None, 2.0,
+            torch.arange(N) + 3, ops.rope_inv_freq(HD, 1e6, "cpu"), k, v, valid,
+            torch.tensor([1]), 1, torch.zeros(N, QD))
+
+
+def _route_args(routed: bool):
+    g = _g()
+    h = torch.randn(N, D, generator=g)
+    k, v, valid = _cache()
+    return (h, torch.randn(D, generator=g) if routed else None,
+            torch.zeros(1) if routed else None, 0.5,
+            None if routed else torch.tensor([True, False, False]),
+            torch.zeros(N, dtype=torch.int32) if routed else None,
+            torch.zeros(1, dtype=torch.int32) if routed else None,
+            torch.zeros((), dtype=torch.bool) if routed else None,
+            torch.zeros(N, dtype=torch.bool) if routed else None,
+            torch.rand(D, generator=g) + 0.5, 1e-6, torch.randn(QD + 2 * KVD, D, generator=g) / 5,
+            torch.randn(QD + 2 * KVD, generator=g), None, None, 1.0, torch.arange(N),
+            ops.rope_inv_freq(HD, 1e6, "cpu"), k, v, valid, torch.tensor([0]), 1, True)
+
+
+def _scatter_args(lora: bool):
+    g = _g()
+    index, count = _rows()
+    return (torch.randn(N, INTER, generator=g), index, count, torch.randn(D, INTER, generator=g),
+            torch.randn(4, INTER, generator=g) if lora else None,
+            torch.randn(D, 4, generator=g) if lora else None, 2.0, torch.randn(N, D, generator=g))
+
+
+def _gate_up_args(lora: bool):
+    g = _g()
+    index, count = _rows()
+    return (torch.randn(N, D, generator=g), index, count, torch.rand(D, generator=g) + 0.5, 1e-6,
+            torch.randn(2 * INTER, D, generator=g), torch.randn(4, D, generator=g) if lora else None,
+            torch.randn(2 * INTER, 4, generator=g) if lora else None, 2.0, torch.zeros(N, INTER))
+
+
+def _head_args(_lora: bool):
+    g = _g()
+    return (torch.randn(N, D, generator=g), torch.rand(D, generator=g) + 0.5, 1e-6,
+            torch.randn(37, D, generator=g), torch.zeros(N, 37))
+
+
+def _attention_args(_lora: bool):
+    g = _g()
+    index, count = _rows()
+    return (torch.randn(N, H, HD, generator=g), torch.randn(N, HKV, 6, HD, generator=g),
+            torch.randn(N, HKV, 6, HD, generator=g), torch.rand(N, 6, generator=g) > 0.3, index,
+            count, torch.tensor([5]), HD ** -0.5, torch.zeros(N, H, HD))
+
+
+CASES = {
+    "qkv_rope": _qkv_args,
+    "route_kv": lambda lora: _route_args(routed=lora),       # the flag: routed or given decisions
+    "linear_scatter_add": _scatter_args,
+    "norm_gate_up": _gate_up_args,
+    "norm_linear": _head_args,
+    "decode_attention": _attention_args,
+}
+
+
+def test_every_decode_op_is_a_custom_op():
+    from layerroute_rt.generate import DECODE_OPS
+
+    assert set(DECODE_OPS) <= {name.split("::")[1] for name in ops.PYTHON_OPS}
+    for name in ops.PYTHON_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta") or \
+            torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+
+
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("flag", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_opcheck(monkeypatch, name, flag, backend):
+    monkeypatch.setenv("LAYERROUTE_BACKEND", backend)
+    op = getattr(torch.ops.layerroute, name).default
+    torch.library.opcheck(op, CASES[name](flag))
+
+
+def test_compile_traces_a_stage_without_graph_breaks():
+    """torch.compile (fullgraph: a graph break is an error) through the public op: the fake
+    impl carries it past the kernel."""
+    args = _scatter_args(True)
+    expected = args[-1].clone()
+    ops.linear_scatter_add(*args[:-1], expected)
+
+    def stage(x, index, count, weight, A, B, residual):
+        ops.linear_scatter_add(x, index, count, weight, A, B, 2.0, residual)
+        return residual
+
+    torch._dynamo.reset()
+    compiled = torch.compile(stage, fullgraph=True, backend="eager")
+    x, index, count, weight, A, B, _, residual = args
+    out = compiled(x, index, count, weight, A, B, residual.clone())
+    torch.testing.assert_close(out, expected)
