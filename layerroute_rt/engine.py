@@ -275,7 +275,9 @@ class InferenceModel:
         executed = torch.zeros(L, B, dtype=torch.bool, device=self.device)
         pred = torch.zeros(L, dtype=torch.bool, device=self.device)
         if self.lr_config.granularity == "sequence":
-            seq_rows = [ops.compact_rows(cache.seq_exec[i].contiguous()) for i in range(L)]
+            # Prefill's decisions, compacted once per generation outside the step (a host
+            # sync is allowed here): the reference op, so that any backend serves.
+            seq_rows = [ops.compact_rows_ref(cache.seq_exec[i].contiguous()) for i in range(L)]
             executed.copy_(cache.seq_exec)
             pred.copy_(torch.cat([count for _, count in seq_rows]) > 0)
         slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
