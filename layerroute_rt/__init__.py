@@ -5,11 +5,13 @@ from .checkpoint import CheckpointError, CheckpointNotFoundError
 from .config import BackboneConfig, LayerRouteConfig
 from .engine import InferenceModel
 from .flops import count_parameters, flops_report
-from .generate import GenerateOutput, GenerationStream, generate
+from .generate import GenerateOutput, GenerationStream, StreamChunk, engine_for, generate
+from .prefix_cache import PrefixCache
 from .model import LayerRouteModel, load
 from .toolcalls import parse_tool_calls
 
 __all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
-           "GenerationStream", "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "count_parameters",
-           "flops_report", "generate", "load", "parse_tool_calls"]
+           "GenerationStream", "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "PrefixCache",
+           "StreamChunk", "count_parameters", "engine_for", "flops_report", "generate", "load",
+           "parse_tool_calls"]
 __version__ = "0.1.0"

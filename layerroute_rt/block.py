@@ -29,6 +29,9 @@ from .cache import KVCache
 from .config import BackboneConfig
 
 
+QUERY_CHUNK = 1024      # prefill queries per masked attention call (bounds the score matrix)
+
+
 @dataclass
 class FusedBlock:
     """One block's tensors in the engine's layout (LoRA factors None when merged or absent)."""
@@ -96,10 +99,11 @@ class Stages:
         return o.view(M, cfg.q_dim)
 
     def attend_prefill(self, q, cache: KVCache, i: int, rows: torch.Tensor, T: int,
-                       prompt_len: list[int]) -> torch.Tensor:
-        """The listed rows (int64 [n], flattened b * T + t, grouped by sequence) of a prefill
-        against the cache: plain causal attention where every token of a left-padded prompt
-        runs (prompt_len[b] of them), a mask of the valid earlier slots otherwise."""
+                       prompt_len: list[int], start: int = 0) -> torch.Tensor:
+        """The listed rows (int64 [n], flattened b * T + t at slot start + t, grouped by
+        sequence) of a prefill against the cache: plain causal attention where every token of a
+        left-padded prompt runs (prompt_len[b] of them, nothing cached before: start 0), else a
+        mask of the valid earlier slots, built for QUERY_CHUNK queries at a time."""
         from .model import _attention
 
         cfg = self.cfg
@@ -107,23 +111,27 @@ class Stages:
         nh, hd = cfg.num_attention_heads, cfg.head_dim
         q = q[:n].view(n, nh, hd)
         o = torch.empty(q.shape[0] if n else 0, nh * hd, dtype=q.dtype, device=q.device)
-        batch_of, slot_of = rows // T, rows % T
+        batch_of, slot_of = rows // T, start + rows % T
         per_seq = torch.bincount(batch_of, minlength=cache.batch_size).tolist()
-        start = 0
+        end = start + T
+        k, v = cache.k[i, :, :, :end], cache.v[i, :, :, :end]
+        slots = torch.arange(end, device=q.device)
+        first = 0
         for s, c in enumerate(per_seq):
             if c == 0:
                 continue
-            sel = slice(start, start + c)
-            qs = q[sel].transpose(0, 1)[None]                                   # [1, H, c, hd]
             if c == prompt_len[s]:
-                o_s = _attention(qs, cache.k[i, s:s + 1, :, T - c:T], cache.v[i, s:s + 1, :, T - c:T])
+                qs = q[first:first + c].transpose(0, 1)[None]                        # [1, H, c, hd]
+                o_s = _attention(qs, k[s:s + 1, :, T - c:], v[s:s + 1, :, T - c:])
+                o[first:first + c] = o_s[0].transpose(0, 1).reshape(c, nh * hd)
             else:
-                keys = cache.valid[i, s, :T][None, :] & (
-                    torch.arange(T, device=q.device)[None, :] <= slot_of[sel][:, None])
-                o_s = _attention(qs, cache.k[i, s:s + 1, :, :T], cache.v[i, s:s + 1, :, :T],
-                                 keys[None, None])
-            o[sel] = o_s[0].transpose(0, 1).reshape(c, nh * hd)
-            start += c
+                for c0 in range(first, first + c, QUERY_CHUNK):
+                    sel = slice(c0, min(c0 + QUERY_CHUNK, first + c))
+                    qs = q[sel].transpose(0, 1)[None]
+                    keys = cache.valid[i, s, :end][None, :] & (slots[None, :] <= slot_of[sel][:, None])
+                    o_s = _attention(qs, k[s:s + 1], v[s:s + 1], keys[None, None])
+                    o[sel] = o_s[0].transpose(0, 1).reshape(-1, nh * hd)
+            first += c
         return o
 
     def finish(self, blk: FusedBlock, h, o, index, count) -> None:

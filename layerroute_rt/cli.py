@@ -163,15 +163,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
     if args.stream:
         if len(args.prompt) != 1:
             raise ValueError("--stream takes one --prompt")
-        tok = load_tokenizer(engine)
         stream = generate(engine, args.prompt, stream=True, **kw)
-        shown, so_far = "", []
-        for step in stream:
-            if step[0] is not None:
-                so_far.append(step[0])
-                text = tok.decode(so_far, skip_special_tokens=True)
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+        for chunk in stream:
+            print(chunk.text[0] if chunk.text is not None else
+                  ("" if chunk.tokens[0] is None else f"{chunk.tokens[0]} "), end="", flush=True)
         print()
         out = stream.output
     else:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, ops
+from . import prefix_cache as prefix_cache_mod
 from .block import FusedBlock, Stages
 from .cache import KVCache
 from .config import LayerRouteConfig
@@ -144,10 +145,14 @@ class InferenceModel:
     host to skip the body; None: except on CUDA. On the CPU the predicate is read either way
     (standing in for the CUDA graph's IF node, see branch_mode); False on CUDA: no host reads,
     so generate() captures the step in a CUDA graph.
+    prefix_cache: keep the K/V of the sequences generate() ran, so that a prompt starting with
+    one of them prefills only its new tokens (layerroute_rt.prefix_cache); prefix_cache_tokens
+    bounds what it holds, in tokens.
     """
 
     def __init__(self, model: LayerRouteModel, merge: bool = True, max_cache_len: int | None = None,
                  use_cuda_graphs: bool = True, host_counts: bool | None = None,
+                 prefix_cache: bool = True, prefix_cache_tokens: int = prefix_cache_mod.DEFAULT_TOKENS,
                  _base: "InferenceModel | None" = None):
         if not isinstance(model, LayerRouteModel):
             raise TypeError(f"InferenceModel: expected a LayerRouteModel, got {type(model).__name__}")
@@ -170,6 +175,10 @@ class InferenceModel:
         self.tokenizer_dir = getattr(model, "source_dir", None)
         self.use_cuda_graphs = use_cuda_graphs
         self.host_counts = self.device.type != "cuda" if host_counts is None else host_counts
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"InferenceModel: prefix_cache must be True or False, got {prefix_cache!r}")
+        self.prefix_cache = prefix_cache_mod.PrefixCache(prefix_cache_tokens) if prefix_cache else None
+        self.prefix_cache_tokens = prefix_cache_tokens
 
     def skip_set(self, skip_layers) -> frozenset[int]:
         """skip_layers checked: block indices in [0, layers)."""
@@ -193,8 +202,10 @@ class InferenceModel:
             model.load_adapter(Path(adapter_dir))
             model.lr_config = stored               # its tau, granularity and kv_policy
             return InferenceModel(model, merge=False, max_cache_len=self.max_cache_len,
-                                  use_cuda_graphs=self.use_cuda_graphs,
-                                  host_counts=self.host_counts, _base=self)
+                                  use_cuda_graphs=self.use_cuda_graphs, host_counts=self.host_counts,
+                                  prefix_cache=self.prefix_cache is not None,
+                                  prefix_cache_tokens=self.prefix_cache_tokens,
+                                  _base=self)
         finally:
             model.lr_config = own
             with torch.no_grad():
@@ -217,25 +228,28 @@ class InferenceModel:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, tau: float,
                 skip: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run a left-padded batch of prompts into an empty cache. input_ids, valid [B, T].
-        Returns the logits of each sequence's last position [B, vocab] (float32) and the
-        decisions [L, B, T]. Under `sequence` granularity the decisions are made here, from
-        the mean of each prompt's hidden states, and held in the cache for the decode steps."""
+        """Run a left-padded batch of prompts into the cache, after the cache.length slots it
+        already holds (none, or prefixes restored from the prefix cache: sequence b's real tokens
+        so far are cache.seen[b], its next RoPE position). input_ids, valid [B, T]. Returns the
+        logits of each sequence's last position [B, vocab] (float32) and the decisions [L, B, T].
+        Under `sequence` granularity the decisions are made here, from the mean of each
+        sequence's new hidden states (a step of its own), and held in the cache for decoding."""
         cfg, lr, st = self.config, self.lr_config, self.stages
         B, T = input_ids.shape
-        if cache.length != 0:
-            raise ValueError("prefill: the cache must be empty (call cache.reset())")
-        if T > cache.max_len:
-            raise ValueError(f"prefill: a prompt of {T} tokens does not fit a cache of {cache.max_len} slots")
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"prefill: {start} cached + {T} new tokens do not fit a cache of "
+                             f"{cache.max_len} slots")
         h = st.embed(input_ids, self.embed).reshape(B * T, -1)
         valid_f = valid.reshape(-1)
-        positions = ((valid.long().cumsum(1) - 1).clamp(min=0)).reshape(-1)
-        slot0 = torch.zeros(1, dtype=torch.long, device=self.device)
+        positions = (cache.seen[:, None] + valid.long().cumsum(1) - 1).clamp(min=0).reshape(-1)
+        slot0 = torch.full((1,), start, dtype=torch.long, device=self.device)
         n_real = valid.sum(1)
-        # Per sequence: its number of real tokens if they are the last slots (left padding),
-        # else -1. When all of them run a block, its attention is plain causal (no mask).
+        # Per sequence: its number of real tokens if they are the last slots (left padding) and
+        # nothing is cached before them, else -1. When all of them run a block, its attention
+        # is plain causal (no mask).
         tail = torch.arange(T, device=self.device)[None, :] >= T - n_real[:, None]
-        prompt_len = torch.where((valid == tail).all(1), n_real, -1).tolist()
+        prompt_len = torch.where((valid == tail).all(1), n_real, -1).tolist() if start == 0 else [-1] * B
         total_real = int(n_real.sum())
         compute = lr.kv_policy == "compute"
         if lr.granularity == "sequence":
@@ -259,10 +273,10 @@ class InferenceModel:
                 continue
             q = st.qkv(blk, h, index, count, cache, i, positions, slot0, T)
             o = torch.empty(index.shape[0], cfg.q_dim, dtype=h.dtype, device=h.device)
-            o[:n] = st.attend_prefill(q, cache, i, rows, T, prompt_len)
+            o[:n] = st.attend_prefill(q, cache, i, rows, T, prompt_len, start)
             st.finish(blk, h, o, index, count)
-        cache.length = T
-        cache.seen.copy_(valid.long().sum(1))
+        cache.length = start + T
+        cache.seen += valid.long().sum(1)
         last = h.view(B, T, -1)[:, -1].contiguous()
         return self.logits(last), executed.view(-1, B, T)
 

@@ -18,12 +18,12 @@ from typing import Iterator
 import torch
 
 from . import gguf_file, ops
+from . import prefix_cache as prefix_cache_mod
 from .config import check_tau
 from .engine import DecodeState, InferenceModel
 from .flops import FlopsReport, flops_report
-from .model import LayerRouteModel
-
-CACHE_BUCKET = 64      # cache lengths are rounded up to this, so graphs are reused across calls
+from .model import LayerRouteModel, LoRALinear
+from .toolcalls import parse_tool_calls
 
 
 @dataclass
@@ -34,20 +34,61 @@ class GenerateOutput:
     valid: torch.Tensor                  # prompts (T, left-padded) and the tokens fed back by the
                                          # decode steps; valid [B, T + steps]: real tokens
     stats: dict = field(default_factory=dict)
+    tool_calls: list[list[dict]] | None = None   # per sequence, toolcalls.parse_tool_calls(text)
+    finish_reasons: list[str] = field(default_factory=list)   # "stop" (EOS or a stop string),
+                                                                # "length" or "cancelled"
+
+
+@dataclass
+class StreamChunk:
+    """One step of a stream: per sequence its new token id (None once it has ended) and the
+    text that token completed ("" while it is part of a character still to come; None without
+    a tokenizer). Joined, a sequence's text pieces are its GenerateOutput text."""
+    tokens: list[int | None]
+    text: list[str] | None
 
 
 class GenerationStream:
-    """Iterate to get, per decode step, one entry per sequence: its new token id, or None once
-    it has ended. After the iteration, `.output` holds the GenerateOutput."""
+    """Iterate to get a StreamChunk per decode step. `cancel(b)` ends sequence b at the next
+    step (finish reason "cancelled"; the batch stops when every sequence has ended). After the
+    iteration, `.output` holds the GenerateOutput."""
 
-    def __init__(self, steps: Iterator):
+    def __init__(self, steps: Iterator, cancelled: set[int], batch: int):
         self._steps = steps
+        self._cancelled = cancelled
+        self._batch = batch
         self.output: GenerateOutput | None = None
+
+    def cancel(self, b: int) -> None:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self._batch:
+            raise ValueError(f"GenerationStream.cancel: sequence must be in [0, {self._batch}), got {b!r}")
+        self._cancelled.add(b)
 
     def __iter__(self):
         output = yield from self._steps
         if output is not None:              # a second iteration finds the steps exhausted
             self.output = output
+
+
+class _TextDeltas:
+    """Incremental detokenization of each sequence (a window of recent tokens decoded, as vLLM
+    and TGI do): a token's text is given once it decodes to whole characters."""
+
+    def __init__(self, tok, batch: int):
+        self.tok = tok
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.prefix = [0] * batch          # the window's start
+        self.read = [0] * batch            # tokens whose text was given
+
+    def push(self, b: int, token: int, final: bool) -> str:
+        ids = self.ids[b]
+        ids.append(token)
+        before = self.tok.decode(ids[self.prefix[b]:self.read[b]], skip_special_tokens=True)
+        text = self.tok.decode(ids[self.prefix[b]:], skip_special_tokens=True)
+        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
+            self.prefix[b], self.read[b] = self.read[b], len(ids)
+            return text[len(before):]
+        return ""
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -78,15 +119,33 @@ def load_tokenizer(engine: InferenceModel):
     return engine._tokenizer
 
 
-def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True) -> list[list[int]]:
+def _check_tools(tools) -> None:
+    if not isinstance(tools, (list, tuple)) or not tools:
+        raise ValueError(f"generate: tools must be a non-empty list of tool schemas, got {tools!r}")
+    for i, t in enumerate(tools):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"generate: tools[{i}] must be a dict with a function name ({{'type': "
+                             f"'function', 'function': {{'name', 'description', 'parameters'}}}}), got {t!r}")
+
+
+def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True, tools=None) -> list[list[int]]:
     """Token ids per prompt from: a string, a list of strings, a chat (a list of message dicts)
-    or a list of chats, token ids [B, T] as a tensor, or a list of token-id lists."""
+    or a list of chats, token ids [B, T] as a tensor, or a list of token-id lists. tools (a
+    list of OpenAI-style function schemas) go through the chat template with every text prompt."""
+    if tools is not None:
+        _check_tools(tools)
+        if not chat_template:
+            raise ValueError("generate: tools go through the chat template; chat_template=False has none")
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2 or prompts.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"generate: input_ids must be an integer tensor [batch, seq_len], got "
                              f"{prompts.dtype} of shape {list(prompts.shape)}")
+        if tools is not None:
+            raise ValueError("generate: tools need text or chat prompts (they are rendered by the chat "
+                             "template), got token ids")
         return prompts.tolist()
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -94,6 +153,9 @@ def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True) 
         raise ValueError("generate: prompts must be a string, a chat, token ids, or a non-empty list of them")
     if all(isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                 for t in p) for p in prompts):
+        if tools is not None:
+            raise ValueError("generate: tools need text or chat prompts (they are rendered by the chat "
+                             "template), got token ids")
         return [list(p) for p in prompts]
     tok = load_tokenizer(engine)
     out = []
@@ -105,26 +167,37 @@ def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True) 
         if tok is None:
             raise ValueError(f"generate: text prompts need the checkpoint's tokenizer: "
                              f"{_no_tokenizer(engine)}; pass token ids")
+        if tools is not None and not tok.chat_template:
+            raise ValueError(f"generate: tools go through the chat template, and the tokenizer in "
+                             f"{engine.tokenizer_dir} has none")
         if is_chat or (chat_template and tok.chat_template):
             if not tok.chat_template:
                 raise ValueError(f"generate: prompt {i} is a chat, but the tokenizer in "
                                  f"{engine.tokenizer_dir} has no chat template")
             messages = p if is_chat else [{"role": "user", "content": p}]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                               add_generation_prompt=True)
+            except Exception as e:        # the template's own checks (jinja raise_exception)
+                raise ValueError(f"generate: prompt {i}: the chat template of {engine.tokenizer_dir} "
+                                 f"rejected it: {e}") from e
             out.append(tok.encode(text, add_special_tokens=False))
         else:
             out.append(tok.encode(p))
     return out
 
 
-def _batch(prompts: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and their mask [B, T]."""
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def _batch(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their mask [B, T]."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -262,7 +335,19 @@ class _Runner:
         self.cache.valid[:, :, first_free:] = False
 
 
-MAX_RUNNERS = 8      # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
+MAX_RUNNERS = 8          # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
+RUNNER_SLOTS = 1 << 16  # and their caches hold at most this many batch x cache slots together
+MIN_BUCKET = 256
+
+
+def cache_bucket(need: int, limit: int) -> int:
+    """The KV cache length for `need` slots: the next power of two from MIN_BUCKET, at most
+    `limit` (the engine's max_cache_len), so that caches and graphs are reused across calls as
+    a conversation grows."""
+    size = MIN_BUCKET
+    while size < need:
+        size *= 2
+    return min(size, limit)
 
 
 def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
@@ -276,11 +361,32 @@ def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip
         runners[key] = runner
         return _Runner(engine, batch, cache_len, tau, skip, use_graph)
     if runner is None:
-        if len(runners) >= MAX_RUNNERS:
-            runners.pop(next(iter(runners)))                    # the least recently used
+        idle = [k for k, r in runners.items() if not r.busy]             # least recently used first
+        while idle and (len(runners) >= MAX_RUNNERS or
+                        sum(k[0] * k[1] for k in runners) + batch * cache_len > RUNNER_SLOTS):
+            runners.pop(idle.pop(0))
         runner = _Runner(engine, batch, cache_len, tau, skip, use_graph)
     runners[key] = runner
     return runner
+
+
+def engine_for(model: LayerRouteModel) -> InferenceModel:
+    """The model's engine, built on the first call and kept on the model; built again only when
+    the adapter changed: its config, a LoRA or router tensor (replaced or updated in place: an
+    optimizer step, load_adapter), an adapter switched off, or a backbone tensor replaced."""
+    cached = model.__dict__.get("_layerroute_engine")
+    if cached is not None and cached[1] == _fingerprint(model):
+        return cached[0]
+    model.__dict__.pop("_layerroute_engine", None)          # free the old engine first
+    engine = InferenceModel(model)
+    model.__dict__["_layerroute_engine"] = (engine, _fingerprint(model))
+    return engine
+
+
+def _fingerprint(model: LayerRouteModel) -> tuple:
+    return (repr(model.lr_config),
+            tuple((p.data_ptr(), p._version) for p in model.parameters()),
+            tuple(m.adapter_enabled for m in model.modules() if isinstance(m, LoRALinear)))
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -307,28 +413,59 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, see
         raise ValueError(f"generate: stream must be True or False, got {stream!r}")
 
 
+@dataclass
+class _Reuse:
+    """What a batch takes from the prefix cache: per sequence an entry and how many of its tokens
+    (0: none), the width C of the cached region (sequence b's prefix ends at slot C) and the new
+    tokens after it."""
+    entries: list
+    counts: list[int]
+    width: int
+    new: list[list[int]]
+
+
+def _plan_reuse(engine: InferenceModel, prompts: list[list[int]], key: tuple, max_new: int) -> _Reuse:
+    none = _Reuse([None] * len(prompts), [0] * len(prompts), 0, prompts)
+    if engine.prefix_cache is None:
+        return none
+    hits = [engine.prefix_cache.lookup(key, p) for p in prompts]
+    counts = [n for _, n in hits]
+    width = max(counts)
+    new = [p[n:] for p, n in zip(prompts, counts)]
+    if width + max(len(p) for p in new) + max_new > engine.max_cache_len:
+        return none            # cached prefixes of unequal length would need more slots than fit
+    return _Reuse([e for e, _ in hits], counts, width, new)
+
+
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
              stream: bool = False, seed: int | None = None, eos_token_id="auto",
-             chat_template: bool = True, sync_every: int = 8):
+             chat_template: bool = True, sync_every: int = 8, tools=None):
     """Generate up to `max_new_tokens` per sequence with true skipping.
 
-    model: an InferenceModel (build it once: `lr.InferenceModel(model)`), or a LayerRouteModel,
-    for which one is built on each call (merging the LoRA costs one matmul per projection).
-    prompts: a string, a chat (list of {"role", "content"} dicts), a list of either, token ids
-    [B, T] or a list of token-id lists. Text goes through the checkpoint's own tokenizer and,
-    when it has one and chat_template is True, its chat template (a user turn plus the
-    generation prompt). Prompts of different lengths are left-padded into one batch.
+    model: an InferenceModel, or a LayerRouteModel, whose engine is built on the first call and
+    reused (engine_for: rebuilt only when its adapter changes).
+    prompts: a string, a chat (list of message dicts: system, user, assistant, with tool_calls,
+    and tool), a list of either, token ids [B, T] or a list of token-id lists. Text goes through
+    the checkpoint's own tokenizer and, when it has one and chat_template is True, its chat
+    template (a user turn plus the generation prompt), with `tools` (OpenAI-style function
+    schemas) when given. Prompts of different lengths are left-padded into one batch.
+    A prompt that starts with tokens the engine's prefix cache holds (same tau and skip set)
+    prefills only the rest (see layerroute_rt.prefix_cache for what that means under `sequence`
+    granularity), and the sequence it ends up with (prompt and fed-back tokens) is cached.
     Sampling: greedy at temperature 0, else seeded (seed) top-k / top-p. Each sequence ends on
     its own at an EOS token (eos_token_id: "auto" reads the checkpoint's generation config;
     None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
     every token. stream=True returns a GenerationStream (see its docstring).
 
-    Returns a GenerateOutput; its stats: prefill_ms, decode_ms_per_step (one token for each
+    Returns a GenerateOutput, with tool_calls parsed from each text (toolcalls.parse_tool_calls)
+    and finish_reasons; its stats: prefill_ms, decode_ms_per_step (one token for each
     sequence of the batch), decode_ms_per_token (per step over the batch size: the same at
-    batch 1), decode_steps, new_tokens, skip_rate_per_layer
-    (fraction of the real tokens, prompt and fed-back, that skipped each block),
+    batch 1), decode_steps, new_tokens, prompt_tokens_per_seq, cached_prompt_tokens (taken
+    from the prefix cache, summed over the batch) and cached_prompt_tokens_per_seq,
+    skip_rate_per_layer (fraction of the real tokens, prompt and fed-back, that skipped each
+    block; a cached prompt token counts with the decisions it was computed with),
     block_flops_skipped_pct and total_flops_skipped_pct over those tokens (routers charged on
     every block), generated_block_flops_skipped_pct and generated_total_flops_skipped_pct over
     the generated tokens alone (see generated_flops: the decode steps, each fed token of each
@@ -339,28 +476,33 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     count 0, where IF nodes are not available or without a graph; "host_predicate": the
     predicate read on the host, on the CPU; None without a decode step).
     """
-    engine = model if isinstance(model, InferenceModel) else InferenceModel(_check_model(model))
+    engine = model if isinstance(model, InferenceModel) else engine_for(_check_model(model))
     stop = [stop] if isinstance(stop, str) else stop
     _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, seed, stream)
     tau = engine.lr_config.tau if tau is None else check_tau(tau)
     skip = engine.skip_set(skip_layers)
-    ids, mask = _batch(encode_prompts(prompts, engine, chat_template), engine.config.vocab_size, engine.device)
-    B, T = ids.shape
-    need = T + max_new_tokens
-    if need > engine.max_cache_len:
+    prompts = encode_prompts(prompts, engine, chat_template, tools)
+    _check_prompts(prompts, engine.config.vocab_size)
+    T = max(len(p) for p in prompts)
+    if T + max_new_tokens > engine.max_cache_len:
         raise ValueError(f"generate: a prompt of {T} tokens + max_new_tokens {max_new_tokens} needs "
-                         f"{need} cache slots; the KV cache holds at most {engine.max_cache_len} "
-                         f"(InferenceModel max_cache_len, at most max_position_embeddings "
-                         f"{engine.config.max_position_embeddings})")
+                         f"{T + max_new_tokens} cache slots; the KV cache holds at most "
+                         f"{engine.max_cache_len} (InferenceModel max_cache_len, at most "
+                         f"max_position_embeddings {engine.config.max_position_embeddings})")
     eos = _eos_ids(engine, eos_token_id)
     tok = load_tokenizer(engine)
     if stop and tok is None:
         raise ValueError(f"generate: stop strings need the checkpoint's tokenizer: {_no_tokenizer(engine)}")
-    cache_len = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, engine.max_cache_len)
-    steps = _generate_steps(engine, (B, cache_len, tau, skip), ids, mask, max_new_tokens,
-                            temperature, top_k, top_p, seed, eos, stop, tok, 1 if stream else sync_every)
+    key = (tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    reuse = _plan_reuse(engine, prompts, key, max_new_tokens)
+    need = reuse.width + max(len(p) for p in reuse.new) + max_new_tokens
+    cache_len = cache_bucket(need, engine.max_cache_len)
+    cancelled: set[int] = set()
+    steps = _generate_steps(engine, (len(prompts), cache_len, tau, skip), prompts, reuse, key,
+                            max_new_tokens, temperature, top_k, top_p, seed, eos, stop, tok,
+                            1 if stream else sync_every, cancelled)
     if stream:
-        return GenerationStream(steps)
+        return GenerationStream(steps, cancelled, len(prompts))
     try:
         while True:
             next(steps)
@@ -380,30 +522,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate_steps(engine, runner_key, ids, mask, max_new, temperature, top_k, top_p, seed,
-                    eos: set[int], stop, tok, sync_every):
-    """The generation loop as a generator: yields each step's tokens at every host check when
+def _generate_steps(engine, runner_key, prompts, reuse, key, max_new, temperature, top_k, top_p,
+                    seed, eos: set[int], stop, tok, sync_every, cancelled):
+    """The generation loop as a generator: yields a StreamChunk at every host check when
     streaming (sync_every 1) and returns the GenerateOutput. It takes its runner when it starts
     running (not when a stream is made) and holds it until it ends."""
     runner = _runner(engine, *runner_key)
     runner.busy = True
     try:
-        return (yield from _loop(engine, runner, ids, mask, max_new, temperature, top_k, top_p,
-                                 seed, eos, stop, tok, sync_every))
+        return (yield from _loop(engine, runner, prompts, reuse, key, max_new, temperature, top_k,
+                                 top_p, seed, eos, stop, tok, sync_every, cancelled))
     finally:
         runner.busy = False
 
 
-def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p, seed, eos, stop,
-          tok, sync_every):
-    device, B = engine.device, ids.shape[0]
+def _restore(cache, reuse: _Reuse) -> None:
+    """Sequence b's cached prefix into slots [C - n_b, C) of an empty cache (C = reuse.width)."""
+    C = reuse.width
+    for b, (entry, n) in enumerate(zip(reuse.entries, reuse.counts)):
+        if n:
+            cache.k[:, b, :, C - n:C] = entry.k[:, :, :n]
+            cache.v[:, b, :, C - n:C] = entry.v[:, :, :n]
+            cache.valid[:, b, C - n:C] = entry.valid[:, :n]
+            cache.seen[b] = n
+    cache.length = C
+
+
+def _loop(engine, runner: _Runner, prompts, reuse: _Reuse, key, max_new, temperature, top_k, top_p,
+          seed, eos, stop, tok, sync_every, cancelled):
+    device, B = engine.device, len(prompts)
     L = engine.config.num_hidden_layers
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    ids, mask = _batch(reuse.new, device)
     cache = runner.cache
     cache.reset()
+    _restore(cache, reuse)
     _sync(device)
     t0 = time.perf_counter()
-    logits, exec_prompt = engine.prefill(ids, mask, cache, runner.tau, runner.skip)
+    logits, exec_new = engine.prefill(ids, mask, cache, runner.tau, runner.skip)
     nxt = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_ms = 1e3 * (time.perf_counter() - t0)
@@ -414,7 +570,8 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
     new = torch.empty(B, max_new, dtype=torch.long, device=device)
     exec_hist = torch.zeros(max(max_new - 1, 0), L, B, dtype=torch.bool, device=device)
     host: list[list[int]] = [[] for _ in range(B)]    # new tokens read back, up to each end
-    ended = [False] * B
+    finish: list[str | None] = [None] * B
+    deltas = _TextDeltas(tok, B) if sync_every == 1 and tok is not None else None
     checked = 0                                        # new tokens read back so far
     steps = 0
     _sync(device)
@@ -428,16 +585,25 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
             fresh: list[int | None] = [None] * B
             for b in range(B):
                 for t in rows[b]:
-                    if ended[b]:
+                    if finish[b] is None and b in cancelled:
+                        finish[b] = "cancelled"
+                    if finish[b] is not None:
                         break
                     host[b].append(t)
                     fresh[b] = t
-                    ended[b] = t in eos or bool(stop) and _stopped(tok, host[b], stop)
+                    if t in eos or bool(stop) and _stopped(tok, host[b], stop):
+                        finish[b] = "stop"
+                    elif len(host[b]) == max_new:
+                        finish[b] = "length"
             if sync_every == 1:
+                text = None if deltas is None else \
+                    ["" if t is None else deltas.push(b, t, finish[b] is not None) for b, t in enumerate(fresh)]
                 paused = time.perf_counter()
-                yield fresh
+                yield StreamChunk(fresh, text)
                 t0 += time.perf_counter() - paused               # the consumer's time is not ours
-            if all(ended) or last:
+                for b in cancelled:                              # cancelled while we waited
+                    finish[b] = finish[b] or "cancelled"
+            if all(f is not None for f in finish) or last:
                 break
         state.tokens.copy_(nxt)
         runner.step()
@@ -448,10 +614,30 @@ def _loop(engine, runner: _Runner, ids, mask, max_new, temperature, top_k, top_p
             sample(state.logits, temperature, top_k, top_p, generator)
     _sync(device)
     decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
-    return _output(engine, host, tok, exec_prompt, exec_hist[:steps], mask, prefill_ms,
-                   decode_ms if steps else None, runner.graph is not None,
-                   decode_router_blocks(engine, runner.tau, runner.skip),
-                   runner.branch_mode if steps else None)
+    out = _output(engine, prompts, reuse, host, tok, exec_new, exec_hist[:steps], prefill_ms,
+                  decode_ms if steps else None, runner.graph is not None,
+                  decode_router_blocks(engine, runner.tau, runner.skip),
+                  runner.branch_mode if steps else None)
+    out.finish_reasons = [f or "length" for f in finish]
+    if engine.prefix_cache is not None:
+        _store(engine, cache, key, prompts, reuse, host, out, steps)
+    return out
+
+
+def _store(engine, cache, key, prompts, reuse: _Reuse, host, out: GenerateOutput, steps: int) -> None:
+    """Each sequence as the cache now holds it (prompt, then the new tokens a decode step fed)
+    into the prefix cache."""
+    C, U = reuse.width, max(len(p) for p in reuse.new)
+    T = max(len(p) for p in prompts)
+    for b, prompt in enumerate(prompts):
+        n, u = reuse.counts[b], len(reuse.new[b])
+        fed = max(min(len(host[b]) - 1, steps), 0)
+        slots = torch.cat([torch.arange(C - n, C), torch.arange(C + U - u, C + U + fed)]).to(cache.device)
+        executed = torch.cat([out.executed[:, b, T - len(prompt):T], out.executed[:, b, T:T + fed]], dim=1)
+        engine.prefix_cache.store(key, prefix_cache_mod.Entry(
+            tokens=tuple(prompt) + tuple(host[b][:fed]),
+            k=cache.k[:, b].index_select(2, slots), v=cache.v[:, b].index_select(2, slots),
+            valid=cache.valid[:, b].index_select(1, slots), executed=executed.clone()))
 
 
 def _stopped(tok, tokens: list[int], stop) -> bool:
@@ -480,27 +666,44 @@ def generated_flops(engine: InferenceModel, executed: torch.Tensor, valid: torch
                         router_blocks=router_blocks)
 
 
-def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decode_ms,
+def _output(engine, prompts, reuse: _Reuse, tokens, tok, exec_new, exec_hist, prefill_ms, decode_ms,
             graph, router_blocks: int, branch_mode) -> GenerateOutput:
-    B, steps = mask.shape[0], exec_hist.shape[0]
+    """The output over the whole prompts, left-padded to their longest (T): a cached token's
+    decisions are its prefix-cache entry's, the others' prefill's (exec_new [L, B, U] over the
+    new tokens, left-padded to U) and the decode steps' (exec_hist [steps, L, B])."""
+    B, steps = len(prompts), exec_hist.shape[0]
+    L = engine.config.num_hidden_layers
+    T, U = max(len(p) for p in prompts), exec_new.shape[2]
+    exec_prompt = torch.zeros(L, B, T, dtype=torch.bool)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    exec_new = exec_new.cpu()
+    for b, p in enumerate(prompts):
+        n, u = reuse.counts[b], len(reuse.new[b])
+        mask[b, T - len(p):] = True
+        if n:
+            exec_prompt[:, b, T - len(p):T - u] = reuse.entries[b].executed[:, :n]
+        exec_prompt[:, b, T - u:] = exec_new[:, b, U - u:]
     # Decode step j fed new token j of each sequence; it counts for a sequence that kept that
     # token and went on (j < its length - 1).
     fed = torch.zeros(B, steps, dtype=torch.bool)
     for b, row in enumerate(tokens):
         fed[b, :max(len(row) - 1, 0)] = True
-    executed = torch.cat([exec_prompt.cpu(), exec_hist.permute(1, 2, 0).cpu()], dim=2)
-    valid = torch.cat([mask.cpu(), fed], dim=1)
+    executed = torch.cat([exec_prompt, exec_hist.permute(1, 2, 0).cpu()], dim=2)
+    valid = torch.cat([mask, fed], dim=1)
     executed &= valid[None]
     cfg, lr = engine.config, engine.lr_config
     report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
     n_real = valid.sum().clamp(min=1)
-    generated = generated_flops(engine, executed, valid, mask.shape[1], router_blocks)
+    generated = generated_flops(engine, executed, valid, T, router_blocks)
     stats = {
         "prefill_ms": prefill_ms,
         "decode_ms_per_step": decode_ms,
         "decode_ms_per_token": None if decode_ms is None else decode_ms / B,
         "decode_steps": steps,
         "new_tokens": sum(len(t) for t in tokens),
+        "prompt_tokens_per_seq": [len(p) for p in prompts],
+        "cached_prompt_tokens": sum(reuse.counts),
+        "cached_prompt_tokens_per_seq": list(reuse.counts),
         "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),
         "block_flops_skipped_pct": report.block_skipped_pct,
         "total_flops_skipped_pct": report.total_skipped_pct,
@@ -510,4 +713,5 @@ def _output(engine, tokens, tok, exec_prompt, exec_hist, mask, prefill_ms, decod
         "skipped_block_mode": branch_mode,
     }
     text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
-    return GenerateOutput(tokens, text, executed, valid, stats)
+    calls = [parse_tool_calls(t) for t in text] if text is not None else None
+    return GenerateOutput(tokens, text, executed, valid, stats, calls)

@@ -219,7 +219,7 @@ def test_stream_equals_returned(routed):
     kw = dict(max_new_tokens=7, eos_token_id=None, temperature=0.8, seed=4)
     stream = lr.generate(engine, PROMPTS, stream=True, **kw)
     steps = list(stream)
-    streamed = [[s[b] for s in steps if s[b] is not None] for b in range(len(PROMPTS))]
+    streamed = [[s.tokens[b] for s in steps if s.tokens[b] is not None] for b in range(len(PROMPTS))]
     assert len(steps) == 7 and streamed == stream.output.tokens
     assert stream.output.tokens == lr.generate(engine, PROMPTS, **kw).tokens
 
