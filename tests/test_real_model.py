@@ -86,3 +86,38 @@ def test_evaluate_bfcl_base_on_two_simple_cases(real_model):
     assert second["calls"] == [{"name": "math.factorial", "arguments": {"number": 5}}]
     assert second["correct"], second
     assert base["all"]["correct"] == 2 and base["all"]["accuracy"] == 1.0
+
+
+def test_agent_loop_with_tools_and_the_prefix_cache(real_model):
+    """generate(tools=...) on the real model: the call comes back parsed, and the next turn (the
+    call and the tool's answer appended) reuses the first turn from the prefix cache, giving the
+    same tokens as an engine without one."""
+    engine = lr.engine_for(real_model)
+    out = lr.generate(real_model, QUESTION, max_new_tokens=48, tools=[WEATHER_TOOL])
+    assert out.tool_calls == [[{"name": "get_current_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]]
+    assert out.finish_reasons == ["stop"]
+    chat = QUESTION + [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": out.tool_calls[0][0]}]},
+        {"role": "tool", "content": '{"temperature": 18, "unit": "celsius", "sky": "clear"}'}]
+    second = lr.generate(real_model, chat, max_new_tokens=24, tools=[WEATHER_TOOL])
+    assert lr.engine_for(real_model) is engine
+    assert second.stats["cached_prompt_tokens"] > 0.8 * out.stats["prompt_tokens_per_seq"][0]
+    plain = lr.InferenceModel(real_model, prefix_cache=False)
+    assert second.tokens == lr.generate(plain, chat, max_new_tokens=24, tools=[WEATHER_TOOL]).tokens
+
+
+def test_streamed_text_of_multibyte_characters(real_model):
+    """Byte-level BPE splits a character over tokens: the stream gives it whole, once, and the
+    pieces join to the text."""
+    from layerroute_rt.generate import _TextDeltas
+
+    tok = load_tokenizer(lr.engine_for(real_model))
+    text = "naïve café, 東京 and 🚀!"
+    ids = tok.encode(text, add_special_tokens=False)
+    deltas = _TextDeltas(tok, 1)
+    pieces = [deltas.push(0, t, i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len([p for p in pieces if p])          # some tokens were held back
+    stream = lr.generate(real_model, "Say 'bonjour' and '東京' in one line.", max_new_tokens=16, stream=True)
+    chunks = list(stream)
+    assert "".join(c.text[0] for c in chunks) == stream.output.text[0]
