@@ -663,3 +663,24 @@ def serve(engine: InferenceModel, model_name: str, host: str = "127.0.0.1", port
 
     app = create_app(engine, model_name, api_key=api_key, skip_layers=skip_layers)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    """Run `app` under uvicorn in a background thread (port 0: a free one); yields its base URL
+    (http://host:port) once it listens, and shuts it down on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, name="layerroute-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"serve: uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
