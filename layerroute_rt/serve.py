@@ -60,6 +60,7 @@ log = logging.getLogger("layerroute.serve")
 
 DEFAULT_MAX_TOKENS = 1024      # when a request gives none (and the context has room)
 MAX_BATCH = 32                 # sequences per batch
+MAX_BATCH_TOKENS = 65536       # KV-cache slots per batch (sequences x their longest length)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -337,9 +338,9 @@ class Scheduler:
     """The worker thread that owns the engine (see the module docstring)."""
 
     def __init__(self, engine: InferenceModel, skip_layers=None, batch_window_s: float = 0.005,
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.engine, self.skip_layers = engine, skip_layers
-        self.batch_window_s, self.max_batch = batch_window_s, max_batch
+        self.batch_window_s, self.max_batch, self.max_batch_tokens = batch_window_s, max_batch, max_batch_tokens
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="layerroute-engine", daemon=True)
         self.running = 0             # sequences of the current batch still generating
@@ -391,15 +392,17 @@ class Scheduler:
                     self.running = 0
 
     def _batches(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs grouped by batch_key, each group split so that a batch has at most max_batch
-        sequences and its longest prompt + largest max_tokens fit the engine's cache."""
+        """Jobs grouped by batch_key, in arrival order, each group split so that a batch has at
+        most max_batch sequences, its longest prompt + largest max_tokens fit the engine's
+        cache, and its cache (batch size x that length) at most max_batch_tokens slots (a job
+        alone always runs: it fits the context)."""
         groups: dict[tuple, list[list[Job]]] = {}
-        limit = self.engine.max_cache_len
         for j in jobs:
             batches = groups.setdefault(j.batch_key(), [])
             for batch in batches:
-                if len(batch) < self.max_batch and max(len(j.prompt), *(len(o.prompt) for o in batch)) \
-                        + max(j.max_tokens, *(o.max_tokens for o in batch)) <= limit:
+                length = max(len(o.prompt) for o in batch + [j]) + max(o.max_tokens for o in batch + [j])
+                if len(batch) < self.max_batch and length <= self.engine.max_cache_len \
+                        and (len(batch) + 1) * length <= self.max_batch_tokens:
                     batch.append(j)
                     break
             else:
@@ -579,11 +582,13 @@ async def _wait_disconnect(request: Request) -> None:
 
 def create_app(engine: InferenceModel, model_name: str, api_key: str | None = None,
                skip_layers=None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               batch_window_s: float = 0.005, max_batch: int = MAX_BATCH) -> FastAPI:
+               batch_window_s: float = 0.005, max_batch: int = MAX_BATCH,
+               max_batch_tokens: int = MAX_BATCH_TOKENS) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. Its worker thread starts and stops with
-    the app's lifespan (uvicorn runs it). `app.state.scheduler` is the worker."""
+    the app's lifespan (uvicorn runs it). `app.state.scheduler` is the worker. A request without
+    max_tokens gets at most default_max_tokens (and what its context leaves)."""
     scheduler = Scheduler(engine, skip_layers=skip_layers, batch_window_s=batch_window_s,
-                          max_batch=max_batch)
+                          max_batch=max_batch, max_batch_tokens=max_batch_tokens)
     server = Server(engine, model_name, scheduler, default_max_tokens)
 
     @contextlib.asynccontextmanager

@@ -274,6 +274,45 @@ def test_dropped_stream_frees_its_slot(client, server, engine):
     assert r.choices[0].message.content == reference_text(engine, CHAT, 6)
 
 
+def test_a_dropped_plain_request_is_cancelled(server):
+    url, scheduler = server
+    cancelled = scheduler.cancelled
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = dict(model=MODEL, messages=CHAT, max_tokens=3000, temperature=0, ignore_eos=True)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    deadline = time.monotonic() + 30
+    while not health(url)["running"]:                # started generating
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    conn.close()
+    while scheduler.cancelled == cancelled or health(url)["running"]:
+        assert time.monotonic() < deadline, "the dropped request's sequence kept running"
+        time.sleep(0.05)
+
+
+def test_batches_group_by_sampling_and_fit_the_cache():
+    engine = type("E", (), {"max_cache_len": 100})()
+    sched = serve_mod.Scheduler(engine, max_batch=3, max_batch_tokens=150)
+
+    def job(prompt=10, max_tokens=10, temperature=0.0, top_p=None, seed=None):
+        return serve_mod.Job(prompt=[1] * prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, stop=[], eos=frozenset(), parse_tools=False, stream=False, loop=None)
+
+    greedy = [job(seed=1), job(top_p=0.5), job(), job()]             # seed and top_p: no matter at t=0
+    sampled = [job(temperature=0.7), job(temperature=0.7), job(temperature=0.7, top_p=0.9)]
+    seeded = [job(temperature=0.7, seed=3), job(temperature=0.7, seed=3)]
+    long = [job(prompt=60, max_tokens=30), job(prompt=20, max_tokens=70)]   # 60 + 70 > 100 slots
+    wide = [job(prompt=40, max_tokens=20), job(prompt=40, max_tokens=20), job(prompt=40, max_tokens=20)]
+    batches = sched._batches(greedy + sampled + seeded)
+    ids = [[id(j) for j in b] for b in batches]
+    assert ids == [[id(j) for j in greedy[:3]], [id(greedy[3])], [id(j) for j in sampled[:2]],
+                   [id(sampled[2])], [id(seeded[0])], [id(seeded[1])]]
+    assert [len(b) for b in sched._batches(long)] == [1, 1]
+    assert [len(b) for b in sched._batches(wide)] == [2, 1]            # 3 x 60 slots > 150
+
+
 def test_a_fault_in_generation_is_a_500_and_the_server_goes_on(client, server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault")
