@@ -346,3 +346,13 @@ def test_real_model_tool_call_round_trip(real_model):
                                                 tools=[WEATHER], max_tokens=16, temperature=0)
         assert answer.choices[0].message.content
         assert answer.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1
+
+
+def test_cli_serves_the_bundled_demo_model_on_loopback(monkeypatch):
+    from layerroute_rt import cli
+
+    seen = {}
+    monkeypatch.setattr(serve_mod, "serve", lambda engine, name, **kw: seen.update(engine=engine, name=name, **kw))
+    assert cli.main(["serve", "--api-key", "k", "--tau", "0.3"]) == 0
+    assert (seen["name"], seen["host"], seen["port"], seen["api_key"]) == (MODEL, "127.0.0.1", 8000, "k")
+    assert isinstance(seen["engine"], lr.InferenceModel) and seen["engine"].lr_config.tau == 0.3
