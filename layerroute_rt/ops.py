@@ -169,6 +169,10 @@ def _live_rows(
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     rows = index[:live].long()
+    if live == 1:
+        if not 0 <= int(rows[0]) < n_rows:
+            raise IndexError(f"{op}: index[0:count] has rows outside [0, {n_rows})")
+        return rows
     if live and not (0 <= int(rows.min()) and int(rows.max()) < n_rows):
         raise IndexError(f"{op}: index[0:count] has rows outside [0, {n_rows})")
     if unique and rows.unique().numel() != live:
@@ -740,8 +744,9 @@ def decode_attention_math(q, k, v, valid, scale: float, n_keys: int, rows=None) 
     return (p @ vv).reshape(n, -1, q.shape[2]).to(q.dtype)
 
 
-def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None) -> torch.Tensor:
-    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None, *, check=True) -> torch.Tensor:
+    if check:
+        _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
     rows = _live_rows("decode_attention", index, count, k.shape[0], unique=False)
     y = torch.empty_like(q) if out is None else out
     n = rows.numel()
@@ -782,7 +787,7 @@ def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> No
     if backend("decode_attention", q.device) == "triton":
         _decode_attention_triton.decode_attention(q, k, v, valid, index, count, length, scale, out)
     else:
-        decode_attention_ref(q, k, v, valid, index, count, length, scale, out)
+        decode_attention_ref(q, k, v, valid, index, count, length, scale, out, check=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,10 +980,11 @@ def _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, execute
 
 def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
                  weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache, valid,
-                 slot, rows_per_seq, compute_kv: bool) -> None:
-    _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
-                    eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
-                    v_cache, valid, slot, rows_per_seq, compute_kv)
+                 slot, rows_per_seq, compute_kv: bool, *, check=True) -> None:
+    if check:
+        _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
+                        norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
+                        inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
     if router_w is not None:
         run = torch.sigmoid(h.float() @ router_w + router_b) >= tau
         idx, cnt = compact_rows_ref(run)
@@ -1029,7 +1035,7 @@ def _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, 
     else:
         route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
                      eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
-                     v_cache, valid, slot, rows_per_seq, compute_kv)
+                     v_cache, valid, slot, rows_per_seq, compute_kv, check=False)
 
 
 # qkv_rope -------------------------------------------------------------------------------------
@@ -1052,9 +1058,10 @@ def _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lor
 
 
 def qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
-                 positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
-    _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
-                    positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+                 positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out, *, check=True) -> None:
+    if check:
+        _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                        positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
     rows = _live_rows("qkv_rope", index, count, h.shape[0], unique=False)
     if rows.numel():
         q = _write_kv_ref(h[rows], rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
@@ -1089,7 +1096,8 @@ def _qkv_rope_op(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B
                                   valid, slot, rows_per_seq, q_out)
     else:
         qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
-                     positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+                     positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out,
+                     check=False)
 
 
 # linear_scatter_add ---------------------------------------------------------------------------
@@ -1111,8 +1119,9 @@ def _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, re
     _check_lora_pair(op, lora_A, lora_B, weight.shape[0], x.shape[1], x)
 
 
-def linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
-    _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
+def linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual, *, check=True) -> None:
+    if check:
+        _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
     rows = _live_rows("linear_scatter_add", index, count, residual.shape[0], unique=True)
     if rows.numel():
         y = _lora_linear_torch(x[: rows.numel()], weight, None, lora_A, lora_B, scale)
@@ -1135,7 +1144,8 @@ def _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, scale, resid
         _linear_scatter_add_triton.linear_scatter_add(x, index, count, weight, lora_A, lora_B,
                                                       float(scale), residual)
     else:
-        linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual)
+        linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual,
+                               check=False)
 
 
 # norm_gate_up ---------------------------------------------------------------------------------
@@ -1154,8 +1164,9 @@ def _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_
     _check_lora_pair(op, lora_A, lora_B, weight.shape[0], h.shape[1], h)
 
 
-def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
-    _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out, *, check=True) -> None:
+    if check:
+        _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
     rows = _live_rows("norm_gate_up", index, count, h.shape[0], unique=False)
     if rows.numel():
         gu = _lora_linear_torch(_rms_norm_ref(h[rows], norm_weight, eps), weight, None, lora_A,
@@ -1182,7 +1193,8 @@ def _norm_gate_up_op(h, index, count, norm_weight, eps, weight, lora_A, lora_B, 
         _norm_gate_up_triton.norm_gate_up(h, index, count, norm_weight, float(eps), weight,
                                           lora_A, lora_B, float(scale), out)
     else:
-        norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+        norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out,
+                         check=False)
 
 
 # norm_linear ----------------------------------------------------------------------------------
@@ -1196,8 +1208,9 @@ def _check_norm_linear(h, norm_weight, eps, weight, out):
     _check_out(op, "out", out, (h.shape[0], weight.shape[0]), torch.float32, h)
 
 
-def norm_linear_ref(h, norm_weight, eps, weight, out) -> torch.Tensor:
-    _check_norm_linear(h, norm_weight, eps, weight, out)
+def norm_linear_ref(h, norm_weight, eps, weight, out, *, check=True) -> torch.Tensor:
+    if check:
+        _check_norm_linear(h, norm_weight, eps, weight, out)
     out.copy_(torch.nn.functional.linear(_rms_norm_ref(h, norm_weight, eps), weight))
     return out
 
@@ -1217,4 +1230,4 @@ def _norm_linear_op(h, norm_weight, eps, weight, out) -> None:
     if backend("norm_linear", h.device) == "triton":
         _norm_linear_triton.norm_linear(h, norm_weight, float(eps), weight, out)
     else:
-        norm_linear_ref(h, norm_weight, eps, weight, out)
+        norm_linear_ref(h, norm_weight, eps, weight, out, check=False)
