@@ -164,14 +164,13 @@ def _check_index_count(
 def _live_rows(
     op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool
 ) -> torch.Tensor:
-    """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host)."""
+    """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host).
+    One row is left to torch's own bounds check (the decode step at batch 1: no host reads)."""
     live = int(count[0])
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     rows = index[:live].long()
     if live == 1:
-        if not 0 <= int(rows[0]) < n_rows:
-            raise IndexError(f"{op}: index[0:count] has rows outside [0, {n_rows})")
         return rows
     if live and not (0 <= int(rows.min()) and int(rows.max()) < n_rows):
         raise IndexError(f"{op}: index[0:count] has rows outside [0, {n_rows})")
@@ -820,11 +819,15 @@ def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
                            / head_dim)
 
 
-def _rope_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [n, heads, hd] at positions [n], cos and sin in x's dtype."""
+def _rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, 1, hd] in `dtype` at positions [n]."""
     freqs = positions.float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [n, heads, hd] with cos and sin from _rope_cos_sin."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -922,8 +925,8 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
                                None if lora_B is None else lora_B[q_dim:], scale)
         y = torch.cat([y.new_empty(y.shape[0], q_dim), y], dim=1)
     n = rows.numel()
-    pos = positions[rows]
-    k = _rope_ref(y[:, q_dim:q_dim + kv_dim].reshape(n, hkv, hd), pos, inv_freq)
+    cos, sin = _rope_cos_sin(positions[rows], inv_freq, y.dtype)
+    k = _rope_ref(y[:, q_dim:q_dim + kv_dim].reshape(n, hkv, hd), cos, sin)
     v = y[:, q_dim + kv_dim:].reshape(n, hkv, hd)
     b = rows // rows_per_seq
     s = int(slot[0]) + rows % rows_per_seq
@@ -931,7 +934,7 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
     v_cache[b, :, s] = v
     valid[b, s] = True
     if q_too:
-        return _rope_ref(y[:, :q_dim].reshape(n, -1, hd), pos, inv_freq)
+        return _rope_ref(y[:, :q_dim].reshape(n, -1, hd), cos, sin)
     return None
 
 
