@@ -88,12 +88,19 @@ def _demo_prompts(tok) -> list[tuple[str, list[int]]]:
     return [(kind, found[kind]) for kind in ("tool_call", "planning")]
 
 
-def demo(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace):
+    """The model --model names (the bundled demo model and its adapter when none), with the
+    runtime flags applied; also whether it is the bundled one, its path and its adapter."""
     bundled = args.model is None
     model_dir = DEMO_DIR if bundled else Path(args.model)
     adapter = args.adapter or (DEMO_DIR / "adapter" if bundled else None)
     model = load(model_dir, adapter=adapter, device=args.device, dtype=DTYPES[args.dtype])
     _apply_runtime_flags(model, args)
+    return model, bundled, model_dir, adapter
+
+
+def demo(args: argparse.Namespace) -> int:
+    model, bundled, model_dir, adapter = _load_model(args)
     if args.random_routers is not None:
         model.randomize_adapter(seed=args.random_routers)
         print(f"routers: random and untrained (seed {args.random_routers}): the mechanism, not a learned policy")
@@ -189,11 +196,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
 def serve_cmd(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    bundled = args.model is None
-    model_path = DEMO_DIR if bundled else Path(args.model)
-    adapter = args.adapter or (DEMO_DIR / "adapter" if bundled else None)
-    model = load(model_path, adapter=adapter, device=args.device, dtype=DTYPES[args.dtype])
-    _apply_runtime_flags(model, args)
+    model, bundled, model_path, adapter = _load_model(args)
     name = args.model_name or ("layerroute-demo" if bundled else model_path.name.removesuffix(".gguf"))
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"serve: listening on {args.host} without --api-key: anyone who reaches it can use it",

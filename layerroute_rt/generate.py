@@ -632,6 +632,8 @@ def _store(engine, cache, key, prompts, reuse: _Reuse, host, out: GenerateOutput
     for b, prompt in enumerate(prompts):
         n, u = reuse.counts[b], len(reuse.new[b])
         fed = max(min(len(host[b]) - 1, steps), 0)
+        if len(prompt) + fed > engine.prefix_cache.max_tokens:
+            continue                                   # the cache would not keep it: no copy
         slots = torch.cat([torch.arange(C - n, C), torch.arange(C + U - u, C + U + fed)]).to(cache.device)
         executed = torch.cat([out.executed[:, b, T - len(prompt):T], out.executed[:, b, T:T + fed]], dim=1)
         engine.prefix_cache.store(key, prefix_cache_mod.Entry(
