@@ -5,6 +5,9 @@ into the repository):
 
   planning  the dense model's own plans for BFCL training questions (greedy, generated once and
             cached as JSONL: the natural-language planning steps)
+  selfcalls the dense model's own greedy answers to BFCL training questions, tools in the system
+            prompt exactly as `layerroute eval --bfcl` renders them (cached as JSONL): the
+            tool-call targets of `train --targets self`, on the distribution generation sees
   train     routers + LoRA on BFCL tool-call steps (the training split) and those planning steps
   stepeval  per step type on held-out steps: skip rate, FLOPs skipped, perplexity delta, with a
             length-matched split (layerroute_rt.evaluate)
@@ -30,7 +33,7 @@ import torch
 import layerroute_rt as lr
 from layerroute_rt import checkpoint, real_model
 from layerroute_rt.data import bfcl
-from layerroute_rt.data.examples import build_examples, collate
+from layerroute_rt.data.examples import IGNORE_INDEX, Example, build_examples, collate
 from layerroute_rt.data.types import Step, Trajectory
 
 TOOL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "simple_java",
@@ -103,6 +106,63 @@ def stage_planning(args) -> None:
     print(f"planning: {kept} of {len(done)} plans kept -> {out}")
 
 
+SELF_CALLS = {"simple_python": 24, "multiple": 16, "parallel": 12, "parallel_multiple": 8,
+              "simple_java": 12, "simple_javascript": 8, "irrelevance": 8}
+
+
+def stage_selfcalls(args) -> None:
+    from layerroute_rt.bfcl_eval import MAX_NEW_TOKENS, render_prompt
+    from layerroute_rt.generate import load_tokenizer
+    out = args.work / "self_calls.jsonl"
+    model = lr.load(real_model.fetch_model(), dtype=torch.float32)
+    engine = lr.InferenceModel(model)
+    tok = load_tokenizer(engine)
+    data_dir = real_model.fetch_bfcl()
+    rng = random.Random(1)
+    done = {}
+    if out.exists():
+        done = {json.loads(l)["id"]: json.loads(l) for l in out.read_text().splitlines()}
+    t0 = time.time()
+    for category, n in SELF_CALLS.items():
+        train_cases, _ = split(category, data_dir)
+        todo = [c for c in rng.sample(train_cases, n) if c.id not in done]
+        todo.sort(key=lambda c: -len(render_prompt(tok, c)))
+        for i in range(0, len(todo), args.batch):
+            batch = todo[i:i + args.batch]
+            prompts = [render_prompt(tok, c) for c in batch]
+            res = lr.generate(engine, prompts, max_new_tokens=MAX_NEW_TOKENS[category], tau=0.0)
+            for c, ids, toks, text, why in zip(batch, prompts, res.tokens, res.text, res.finish_reasons):
+                done[c.id] = {"id": c.id, "category": category, "prompt_ids": ids,
+                              "tokens": list(toks), "text": text, "finish_reason": why}
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            os.replace(tmp, out)
+            print(f"selfcalls: {len(done)} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"selfcalls: {sum(r['finish_reason'] == 'stop' for r in done.values())} of {len(done)} "
+          f"ended at EOS -> {out}")
+
+
+def self_call_examples(work: Path, tok, max_length: int) -> list[Example]:
+    """The dense model's own answers as tool-call steps: the rendered prompt, then the generated
+    tokens up to and including EOS (answers cut by the token budget are left out)."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for line in (work / "self_calls.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        step = list(r["tokens"])
+        if r["finish_reason"] != "stop":
+            continue
+        if not step or step[-1] != eos:
+            step.append(eos)
+        if len(step) >= max_length:
+            continue
+        context = r["prompt_ids"][len(step) - max_length:]
+        out.append(Example(context + step, [IGNORE_INDEX] * len(context) + step,
+                           [False] * len(context) + [True] * len(step), "tool_call", len(step),
+                           r["id"], 1))
+    return out
+
+
 def planning_trajectories(work: Path, data_dir: Path) -> list[Trajectory]:
     plans = [json.loads(l) for l in (work / "planning_steps.jsonl").read_text().splitlines()]
     by_id = {c.id: c for cat in ("simple_python", "multiple", "parallel", "parallel_multiple")
@@ -149,6 +209,9 @@ def stage_train(args) -> None:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     train_ex, held_ex = datasets(args, tok)
+    if args.targets == "self":        # the dense model's own answers replace the reference calls
+        train_ex = [e for e in train_ex if e.step_type == "planning"] + \
+            self_call_examples(args.work, tok, args.max_length)
     # Within the budget (--max-examples): every planning step, and a random subset of the calls.
     rng = random.Random(args.seed)
     plans = [e for e in train_ex if e.step_type == "planning"]
@@ -159,7 +222,7 @@ def stage_train(args) -> None:
     print(f"train: {len(train_ex)} examples {kinds}, {len(held_ex)} held out", flush=True)
     tc = TrainConfig(steps=args.steps, batch_size=1, grad_accum=args.grad_accum, lr=args.lr,
                      warmup_steps=max(1, args.steps // 10), checkpoint_every=10, seed=args.seed,
-                     distill_weight=args.distill, distill_teacher="self", gate_on="step",
+                     distill_weight=args.distill, distill_teacher=args.teacher, gate_on="step",
                      never_skip=tuple(args.never_skip), router_lr=args.router_lr)
     run = args.work / args.run
     t0 = time.time()
@@ -216,7 +279,7 @@ def stage_stepeval(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("planning", "train", "finalize", "stepeval"))
+    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -232,13 +295,17 @@ def main(argv=None) -> int:
     p.add_argument("--router-lr", type=float, default=1e-3)
     p.add_argument("--gate-lambda", type=float, default=0.5)
     p.add_argument("--distill", type=float, default=0.0)
+    p.add_argument("--teacher", choices=("base", "self"), default="self")
+    p.add_argument("--targets", choices=("reference", "self"), default="reference",
+                   help="tool-call targets: BFCL's reference calls in the template's format, or the "
+                        "dense model's own answers (the selfcalls stage)")
     p.add_argument("--never-skip", type=int, nargs="*", default=[0, 23])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-eval-tools", type=int, default=60)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    {"planning": stage_planning, "train": stage_train, "finalize": stage_finalize,
+    {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
      "stepeval": stage_stepeval}[args.stage](args)
     return 0
 
