@@ -72,6 +72,20 @@ def _clean_plan(text: str) -> str | None:
     return text if len(text.split()) >= 8 else None
 
 
+def _load_jsonl(path: Path) -> dict:
+    """The records of a JSONL cache by id ({} before the first write): a stage resumes from it."""
+    if not path.exists():
+        return {}
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _save_jsonl(path: Path, records) -> None:
+    """Write the records atomically (temp file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
 def stage_planning(args) -> None:
     out = args.work / "planning_steps.jsonl"
     model_dir = real_model.fetch_model()
@@ -85,9 +99,7 @@ def stage_planning(args) -> None:
     for category in ("simple_python", "multiple", "parallel", "parallel_multiple"):
         train_cases, _ = split(category, data_dir)
         cases += rng.sample(train_cases, args.plans_per_category)
-    done = {}
-    if out.exists():
-        done = {json.loads(l)["id"]: json.loads(l) for l in out.read_text().splitlines()}
+    done = _load_jsonl(out)
     todo = [c for c in cases if c.id not in done]
     t0 = time.time()
     for i in range(0, len(todo), args.batch):
@@ -98,9 +110,7 @@ def stage_planning(args) -> None:
         res = lr.generate(engine, ids, max_new_tokens=args.plan_tokens, tau=0.0)
         for c, text in zip(batch, res.text):
             done[c.id] = {"id": c.id, "category": c.category, "raw": text, "plan": _clean_plan(text)}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-        os.replace(tmp, out)
+        _save_jsonl(out, done.values())
         print(f"planning: {len(done)}/{len(cases)} ({time.time() - t0:.0f} s)", flush=True)
     kept = sum(r["plan"] is not None for r in done.values())
     print(f"planning: {kept} of {len(done)} plans kept -> {out}")
@@ -119,9 +129,7 @@ def stage_selfcalls(args) -> None:
     tok = load_tokenizer(engine)
     data_dir = real_model.fetch_bfcl()
     rng = random.Random(1)
-    done = {}
-    if out.exists():
-        done = {json.loads(l)["id"]: json.loads(l) for l in out.read_text().splitlines()}
+    done = _load_jsonl(out)
     t0 = time.time()
     for category, n in SELF_CALLS.items():
         train_cases, _ = split(category, data_dir)
@@ -134,9 +142,7 @@ def stage_selfcalls(args) -> None:
             for c, ids, toks, text, why in zip(batch, prompts, res.tokens, res.text, res.finish_reasons):
                 done[c.id] = {"id": c.id, "category": category, "prompt_ids": ids,
                               "tokens": list(toks), "text": text, "finish_reason": why}
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-            os.replace(tmp, out)
+            _save_jsonl(out, done.values())
             print(f"selfcalls: {len(done)} ({time.time() - t0:.0f} s)", flush=True)
     print(f"selfcalls: {sum(r['finish_reason'] == 'stop' for r in done.values())} of {len(done)} "
           f"ended at EOS -> {out}")
