@@ -162,11 +162,11 @@ def _check_index_count(
 
 
 def _live_rows(
-    op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool
+    op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool, live: int | None = None
 ) -> torch.Tensor:
-    """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host).
-    One row is left to torch's own bounds check (the decode step at batch 1: no host reads)."""
-    live = int(count[0])
+    """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host;
+    `live`: the count, already read). One row is left to torch's own bounds check."""
+    live = int(count[0]) if live is None else live
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     rows = index[:live].long()
@@ -177,6 +177,20 @@ def _live_rows(
     if unique and rows.unique().numel() != live:
         raise ValueError(f"{op}: a row appears twice in index[0:count]")
     return rows
+
+
+def _listed_rows(
+    op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool
+) -> tuple[int, torch.Tensor | None]:
+    """(count, rows) for the block-stage references: rows as _live_rows gives them, or None when
+    the list is every one of the n_rows rows in order (at decode, whenever every sequence runs
+    the block): the references then read and write whole tensors, no gather and no scatter."""
+    live = int(count[0])
+    head = index[:live]
+    if live == n_rows and live and (int(head[0]) == 0 if live == 1 else torch.equal(
+            head, torch.arange(live, dtype=head.dtype, device=head.device))):
+        return live, None
+    return live, _live_rows(op, index, count, n_rows, unique, live)
 
 
 # compact_rows ---------------------------------------------------------------------------------
@@ -725,7 +739,7 @@ def _check_decode_attention(q, k, v, valid, index, count, length, scale, out) ->
 def decode_attention_math(q, k, v, valid, scale: float, n_keys: int, rows=None) -> torch.Tensor:
     """The reference's computation, unchecked: the rows of q [n, H, D] against sequences `rows`
     (int64 [n]; None: all B, in order) of k, v [B, HKV, S, D] over slots < n_keys, in float32,
-    returned in q's dtype. The engine's CPU decode calls it directly when every row runs."""
+    returned in q's dtype: softmax over the visible slots (valid), zeros where none is."""
     HKV = k.shape[1]
     n = q.shape[0]
     G = q.shape[1] // HKV
@@ -735,6 +749,10 @@ def decode_attention_math(q, k, v, valid, scale: float, n_keys: int, rows=None) 
         kk, vv, seen = k[rows, :, :n_keys], v[rows, :, :n_keys], valid[rows, :n_keys]
     # The G query heads of a KV head side by side against its keys: no copy of K/V per head.
     qq = q.view(n, HKV, G, -1).to(torch.float32)
+    if n_keys and bool(seen.all()):    # every slot visible: one fused call, no mask, no copy
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qq, kk.to(torch.float32), vv.to(torch.float32), scale=scale)
+        return o.reshape(n, -1, q.shape[2]).to(q.dtype)
     scores = qq @ kk.to(torch.float32).transpose(-1, -2) * scale              # [n, HKV, G, L]
     vv = vv.to(torch.float32).masked_fill(~seen[:, None, :, None], 0.0)   # invisible: no 0 x NaN
     seen = seen[:, None, None, :]
@@ -746,9 +764,8 @@ def decode_attention_math(q, k, v, valid, scale: float, n_keys: int, rows=None) 
 def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None, *, check=True) -> torch.Tensor:
     if check:
         _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
-    rows = _live_rows("decode_attention", index, count, k.shape[0], unique=False)
+    n, rows = _listed_rows("decode_attention", index, count, k.shape[0], unique=False)
     y = torch.empty_like(q) if out is None else out
-    n = rows.numel()
     if n:
         y[:n] = decode_attention_math(q[:n], k, v, valid, scale, min(int(length[0]), k.shape[2]), rows)
     return y
@@ -912,30 +929,38 @@ def _check_kv_write(op, h, weight, bias, positions, inv_freq, k_cache, v_cache, 
 
 def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
                   k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, q_too: bool):
-    """The reference's norm -> projection -> RoPE -> cache write for the rows (int64) of h;
-    returns q [n, H, hd] (RoPE applied) when q_too."""
-    _, hkv, _, hd = k_cache.shape
+    """The reference's norm -> projection -> RoPE -> cache write for the rows (int64; None:
+    every row of h, in order) of h; returns q [n, H, hd] (RoPE applied) when q_too."""
+    B, hkv, S, hd = k_cache.shape
     kv_dim = hkv * hd
     q_dim = weight.shape[0] - 2 * kv_dim
+    n = h_rows.shape[0]
     x = _rms_norm_ref(h_rows, norm_weight, eps)
     if q_too:
         y = _lora_linear_torch(x, weight, bias, lora_A, lora_B, scale)
     else:   # the k and v rows of the fused weight and of the LoRA's B
         y = _lora_linear_torch(x, weight[q_dim:], bias[q_dim:], lora_A,
                                None if lora_B is None else lora_B[q_dim:], scale)
-        y = torch.cat([y.new_empty(y.shape[0], q_dim), y], dim=1)
-    n = rows.numel()
-    cos, sin = _rope_cos_sin(positions[rows], inv_freq, y.dtype)
-    k = _rope_ref(y[:, q_dim:q_dim + kv_dim].reshape(n, hkv, hd), cos, sin)
-    v = y[:, q_dim + kv_dim:].reshape(n, hkv, hd)
-    b = rows // rows_per_seq
-    s = int(slot[0]) + rows % rows_per_seq
-    k_cache[b, :, s] = k
-    v_cache[b, :, s] = v
-    valid[b, s] = True
-    if q_too:
-        return _rope_ref(y[:, :q_dim].reshape(n, -1, hd), cos, sin)
-    return None
+    cos, sin = _rope_cos_sin(positions if rows is None else positions[rows], inv_freq, y.dtype)
+    rotated = y.shape[1] - kv_dim            # [q |] k: one RoPE for both
+    qk = _rope_ref(y[:, :rotated].reshape(n, -1, hd), cos, sin)
+    k = qk[:, qk.shape[1] - hkv:]
+    v = y[:, rotated:].reshape(n, hkv, hd)
+    s0 = int(slot[0])
+    if rows is None and n == B * rows_per_seq and s0 + rows_per_seq <= S:
+        # Every row, in order: sequence b's rows fill its slots s0 .. s0 + rows_per_seq - 1.
+        k_cache[:, :, s0:s0 + rows_per_seq] = k.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
+        v_cache[:, :, s0:s0 + rows_per_seq] = v.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
+        valid[:, s0:s0 + rows_per_seq] = True
+    else:
+        if rows is None:
+            rows = torch.arange(n, device=h_rows.device)
+        b = rows // rows_per_seq
+        s = s0 + rows % rows_per_seq
+        k_cache[b, :, s] = k
+        v_cache[b, :, s] = v
+        valid[b, s] = True
+    return qk[:, :qk.shape[1] - hkv] if q_too else None
 
 
 # route_kv -------------------------------------------------------------------------------------
@@ -998,7 +1023,8 @@ def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, 
     if compute_kv:
         rows = (~run).nonzero().flatten()
         if rows.numel():
-            _write_kv_ref(h[rows], rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
+            every = rows.numel() == h.shape[0]          # every row skips: whole tensors
+            _write_kv_ref(h if every else h[rows], None if every else rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
                           k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, False)
 
 
@@ -1065,11 +1091,12 @@ def qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B
     if check:
         _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
                         positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
-    rows = _live_rows("qkv_rope", index, count, h.shape[0], unique=False)
-    if rows.numel():
-        q = _write_kv_ref(h[rows], rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
-                          k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, True)
-        q_out[: rows.numel()] = q.reshape(rows.numel(), -1)
+    n, rows = _listed_rows("qkv_rope", index, count, h.shape[0], unique=False)
+    if n:
+        q = _write_kv_ref(h if rows is None else h[rows], rows, weight, bias, lora_A, lora_B,
+                          scale, positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq,
+                          norm_weight, eps, True)
+        q_out[:n] = q.reshape(n, -1)
 
 
 def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
@@ -1125,10 +1152,13 @@ def _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, re
 def linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, residual, *, check=True) -> None:
     if check:
         _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
-    rows = _live_rows("linear_scatter_add", index, count, residual.shape[0], unique=True)
-    if rows.numel():
-        y = _lora_linear_torch(x[: rows.numel()], weight, None, lora_A, lora_B, scale)
-        residual[rows] = residual[rows] + y
+    n, rows = _listed_rows("linear_scatter_add", index, count, residual.shape[0], unique=True)
+    if n:
+        y = _lora_linear_torch(x[:n], weight, None, lora_A, lora_B, scale)
+        if rows is None:
+            residual.add_(y)
+        else:
+            residual[rows] = residual[rows] + y
 
 
 def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
@@ -1170,12 +1200,12 @@ def _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_
 def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out, *, check=True) -> None:
     if check:
         _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
-    rows = _live_rows("norm_gate_up", index, count, h.shape[0], unique=False)
-    if rows.numel():
-        gu = _lora_linear_torch(_rms_norm_ref(h[rows], norm_weight, eps), weight, None, lora_A,
-                                lora_B, scale)
+    n, rows = _listed_rows("norm_gate_up", index, count, h.shape[0], unique=False)
+    if n:
+        gu = _lora_linear_torch(_rms_norm_ref(h if rows is None else h[rows], norm_weight, eps),
+                                weight, None, lora_A, lora_B, scale)
         inter = out.shape[1]
-        out[: rows.numel()] = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+        out[:n] = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
 
 
 def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:

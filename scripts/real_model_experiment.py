@@ -133,6 +133,7 @@ def stage_selfcalls(args) -> None:
     t0 = time.time()
     for category, n in SELF_CALLS.items():
         train_cases, _ = split(category, data_dir)
+        n = min(len(train_cases), round(n * args.self_call_factor))
         todo = [c for c in rng.sample(train_cases, n) if c.id not in done]
         todo.sort(key=lambda c: -len(render_prompt(tok, c)))
         for i in range(0, len(todo), args.batch):
@@ -210,7 +211,7 @@ def stage_train(args) -> None:
     from layerroute_rt.train import TrainConfig, train
     model_dir = real_model.fetch_model()
     cfg = lr.LayerRouteConfig(rank=8, alpha=16, granularity="token", kv_policy="compute",
-                              gate_lambda=args.gate_lambda, tau=0.5)
+                              gate_lambda=args.gate_lambda, target_rate=args.target_rate, tau=0.5)
     model = lr.load(model_dir, config=cfg, dtype=torch.float32)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -301,6 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--router-lr", type=float, default=1e-3)
     p.add_argument("--gate-lambda", type=float, default=0.5)
     p.add_argument("--distill", type=float, default=0.0)
+    p.add_argument("--target-rate", type=float, default=None,
+                   help="train: the gate term is (mean p - TARGET)^2 (p: the run probability)")
+    p.add_argument("--self-call-factor", type=float, default=1.0,
+                   help="selfcalls: this many times SELF_CALLS questions per category")
     p.add_argument("--teacher", choices=("base", "self"), default="self")
     p.add_argument("--targets", choices=("reference", "self"), default="reference",
                    help="tool-call targets: BFCL's reference calls in the template's format, or the "
