@@ -59,9 +59,10 @@ def backend(op: str, device: torch.device) -> str:
     (compiled extension > Triton > torch reference)."""
     forced = os.environ.get("LAYERROUTE_BACKEND", "").strip().lower()
     compiled = (op, device.type) in _COMPILED_KERNELS
+    if not forced:          # unforced, Triton serves CUDA tensors only: one environment read
+        triton_ok = device.type == "cuda" and op in _TRITON_KERNELS
+        return "cuda" if compiled else "triton" if triton_ok else "torch"
     triton_ok = op in _TRITON_KERNELS and _triton_runs_on(device)
-    if not forced:
-        return "cuda" if compiled else "triton" if triton_ok and device.type == "cuda" else "torch"
     if forced not in BACKENDS:
         raise ValueError(f"LAYERROUTE_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
     if forced == "triton" and not triton_ok:
@@ -120,7 +121,7 @@ def _custom_op(name: str, schema: str, mutates: tuple[str, ...]):
 # Row compaction, gather and scatter for per-token block skipping (DESIGN.md section 4).
 # Shapes are fixed (the most rows a step can have) and the live row count stays on the device
 # as an int32 tensor of shape [1]; kernels exit early past it, so nothing syncs with the host.
-# The references read the count on the host: they are the oracle, not a hot path.
+# The references read the count on the host: they are the oracle (and the CPU path).
 # Argument checks mirror csrc/checks.h: TypeError for a dtype, ValueError for the rest.
 
 _ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -186,6 +187,8 @@ def _listed_rows(
     the list is every one of the n_rows rows in order (at decode, whenever every sequence runs
     the block): the references then read and write whole tensors, no gather and no scatter."""
     live = int(count[0])
+    if not 0 <= live <= index.shape[0]:
+        raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     head = index[:live]
     if live == n_rows and live and (int(head[0]) == 0 if live == 1 else torch.equal(
             head, torch.arange(live, dtype=head.dtype, device=head.device))):
@@ -810,7 +813,8 @@ def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> No
 # Fused block stages (DESIGN.md section 4; issue 13): the kernels layerroute_rt.block runs a
 # block with, at prefill and at decode. Each reads its row list and count from device memory
 # (python_kernels/<op>.py); the references below read the count on the host (the oracle and the
-# CPU path). Inference only. Row spaces: h is the residual [N, D]; a row list (index int32 [M],
+# CPU path) and, for a list of every row in order (every sequence runs the block), read and write
+# whole tensors (_listed_rows: no gather, no scatter). Inference only. Row spaces: h is the residual [N, D]; a row list (index int32 [M],
 # count int32 [1]) names the rows of h that run, and the stages' intermediate tensors (q, the
 # attention output, the MLP activation) are in gathered space (row i < count is h's index[i]).
 # RoPE angles are positions x inv_freq in float32 (rope_inv_freq: the engine's one table);
@@ -947,7 +951,7 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
     k = qk[:, qk.shape[1] - hkv:]
     v = y[:, rotated:].reshape(n, hkv, hd)
     s0 = int(slot[0])
-    if rows is None and n == B * rows_per_seq and s0 + rows_per_seq <= S:
+    if rows is None and n == B * rows_per_seq and 0 <= s0 <= S - rows_per_seq:
         # Every row, in order: sequence b's rows fill its slots s0 .. s0 + rows_per_seq - 1.
         k_cache[:, :, s0:s0 + rows_per_seq] = k.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
         v_cache[:, :, s0:s0 + rows_per_seq] = v.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
@@ -1205,7 +1209,7 @@ def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, 
         gu = _lora_linear_torch(_rms_norm_ref(h if rows is None else h[rows], norm_weight, eps),
                                 weight, None, lora_A, lora_B, scale)
         inter = out.shape[1]
-        out[:n] = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+        torch.mul(torch.nn.functional.silu(gu[:, :inter]), gu[:, inter:], out=out[:n])
 
 
 def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:

@@ -26,6 +26,20 @@ def _ramp(n: int):
 
 
 @pytest.fixture
+def whole_path(monkeypatch):
+    """Records, per op, whether _listed_rows sent it down the whole-tensor path."""
+    taken = []
+    real = ops._listed_rows
+
+    def spy(op, index, count, n_rows, unique):
+        n, rows = real(op, index, count, n_rows, unique)
+        taken.append((op, rows is None))
+        return n, rows
+    monkeypatch.setattr(ops, "_listed_rows", spy)
+    return taken
+
+
+@pytest.fixture
 def row_list_path(monkeypatch):
     """A context in which the references take their row-list path whatever the list."""
     @contextlib.contextmanager
@@ -38,18 +52,21 @@ def row_list_path(monkeypatch):
 
 
 def _close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+    tol = dict(rtol=1e-5, atol=1e-6) if a.dtype == torch.float32 else {}
+    torch.testing.assert_close(a, b, msg=what, **tol)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("lora", [False, True])
-def test_qkv_rope_whole_tensor_path(row_list_path, layout, lora):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qkv_rope_whole_tensor_path(whole_path, row_list_path, layout, lora, dtype):
     g = torch.Generator().manual_seed(0)
     n_seq, T = LAYOUTS[layout]
     N = n_seq * T
-    h = _rand(N, D, g=g)
-    norm = torch.rand(D, generator=g) + 0.5
-    w, b = _rand(QD + 2 * KVD, D, scale=D ** -0.5, g=g), _rand(QD + 2 * KVD, scale=0.1, g=g)
+    h = _rand(N, D, g=g).to(dtype)
+    norm = (torch.rand(D, generator=g) + 0.5).to(dtype)
+    w = _rand(QD + 2 * KVD, D, scale=D ** -0.5, g=g).to(dtype)
+    b = _rand(QD + 2 * KVD, scale=0.1, g=g).to(dtype)
     A = _rand(3 * RANK, D, scale=D ** -0.5, g=g) if lora else None
     B = _rand(QD + 2 * KVD, 3 * RANK, scale=0.2, g=g) if lora else None
     positions = torch.randint(0, 3000, (N,), generator=g)
@@ -57,14 +74,15 @@ def test_qkv_rope_whole_tensor_path(row_list_path, layout, lora):
     index, count = _ramp(N)
 
     def once():
-        k = torch.zeros(n_seq, HKV, T + 3, HD)
+        k = torch.zeros(n_seq, HKV, T + 3, HD, dtype=dtype)
         v, valid = torch.zeros_like(k), torch.zeros(n_seq, T + 3, dtype=torch.bool)
-        q = torch.zeros(N, QD)
+        q = torch.zeros(N, QD, dtype=dtype)
         ops.qkv_rope_ref(h, index, count, norm, EPS, w, b, A, B, 2.0, positions, inv_freq, k, v,
                          valid, torch.tensor([2]), T, q)
         return q, k, v, valid
 
     q0, k0, v0, valid0 = once()
+    assert whole_path == [("qkv_rope", True)]
     with row_list_path():
         q1, k1, v1, valid1 = once()
     assert torch.equal(valid0, valid1) and int(valid0.sum()) == N and valid0[:, 2:2 + T].all()
@@ -100,7 +118,7 @@ def test_route_kv_every_row_skips(row_list_path, layout):
 
 @pytest.mark.parametrize("n", [1, 6])
 @pytest.mark.parametrize("lora", [False, True])
-def test_linear_scatter_add_and_norm_gate_up_whole_tensor_path(row_list_path, n, lora):
+def test_linear_scatter_add_and_norm_gate_up_whole_tensor_path(whole_path, row_list_path, n, lora):
     g = torch.Generator().manual_seed(2)
     x, h = _rand(n, D, g=g), _rand(n, D, g=g)
     w = _rand(D, D, scale=D ** -0.5, g=g)
@@ -120,6 +138,7 @@ def test_linear_scatter_add_and_norm_gate_up_whole_tensor_path(row_list_path, n,
         return r, act
 
     r0, act0 = once()
+    assert whole_path == [("linear_scatter_add", True), ("norm_gate_up", True)]
     with row_list_path():
         r1, act1 = once()
     _close(r0, r1, "residual")
@@ -141,7 +160,7 @@ def _attention_oracle(q, k, v, valid, n_keys, scale):
 
 @pytest.mark.parametrize("n_seq", [1, 5])
 @pytest.mark.parametrize("hole", [False, True])
-def test_decode_attention_whole_tensor_path(row_list_path, n_seq, hole):
+def test_decode_attention_whole_tensor_path(whole_path, row_list_path, n_seq, hole):
     """Every slot visible: one SDPA call; a slot invisible (hole): the masked math. Both, with
     the list in order and on the row-list path, equal the per-row oracle."""
     g = torch.Generator().manual_seed(3)
@@ -155,6 +174,7 @@ def test_decode_attention_whole_tensor_path(row_list_path, n_seq, hole):
         valid[0, 3] = False
     oracle = _attention_oracle(q, k, v, valid, length, 0.3)
     whole = ops.decode_attention_ref(q, k, v, valid, *_ramp(n_seq), torch.tensor([length]), 0.3)
+    assert whole_path == [("decode_attention", True)]
     with row_list_path():
         listed = ops.decode_attention_ref(q, k, v, valid, *_ramp(n_seq), torch.tensor([length]), 0.3)
     _close(whole, oracle, "whole")
