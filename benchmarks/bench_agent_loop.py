@@ -11,6 +11,7 @@ and without a cache, interleaved; the greedy continuations must be equal.
 vs-transformers: `lr.generate(model, ...)` on a LayerRouteModel (its engine built once and kept)
 against transformers' `generate` on the same checkpoint, fp32, batch 1, a fresh random prompt
 per repeat (so that no prefix is cached), interleaved, end to end (tokenized ids in, tokens out).
+The JSON also counts the aten ops and host reads of one decode step of each, end to end.
 Torch threads: --threads (2 on the CI machine).
 """
 from __future__ import annotations
@@ -94,6 +95,29 @@ def prefix_cache_bench(args) -> dict:
             "last_turn_tokens_compared": len(a.tokens[0])}
 
 
+def _step_ops(run) -> dict:
+    """aten ops and host reads (aten._local_scalar_dense) of one decode step, end to end: those
+    of run(n=3) minus those of run(n=2) (each on a fresh prompt), counted by a TorchDispatchMode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            self.reads += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            return func(*args, **(kwargs or {}))
+
+    got = []
+    for n in (2, 3):
+        with torch.no_grad(), Count() as c:
+            run(n)
+        got.append(c)
+    return {"aten_ops": got[1].ops - got[0].ops, "host_reads": got[1].reads - got[0].reads}
+
+
 def vs_transformers_bench(args) -> dict:
     import transformers
     from qwen_factory import QWEN25_05B, save_random_qwen2
@@ -121,6 +145,11 @@ def vs_transformers_bench(args) -> dict:
 
     ids = prompt()
     same = ours(ids)[1] == theirs(ids)[1]                    # warm-up, and the check of the tokens
+    counts = {name: _step_ops(lambda n: fn(prompt(), n)) for name, fn in
+              (("ours", lambda ids, n: lr.generate(model, ids, max_new_tokens=n, eos_token_id=None)),
+               ("transformers", lambda ids, n: hf.generate(
+                   ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                   do_sample=False, pad_token_id=0)))}
     t_ours, t_hf = [], []
     for i in range(args.repeats):
         ids = prompt()
@@ -131,6 +160,7 @@ def vs_transformers_bench(args) -> dict:
             "batch": 1, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
             "ours_s": mo, "transformers_s": mh, "ours_all_s": t_ours, "transformers_all_s": t_hf,
             "ours_over_transformers": mo / mh, "same_greedy_tokens_on_warmup": same,
+            "per_decode_step": counts,
             "note": "lr.generate(model) end to end, the engine built once (first call, warm-up) and kept"}
 
 
