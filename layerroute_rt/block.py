@@ -77,8 +77,8 @@ class Stages:
         routed = run is None
         ops.route_kv(h, blk.router_w if routed else None, blk.router_b if routed else None, tau,
                      run, index, count, pred, executed, blk.norm1, self.eps, blk.qkv_w, blk.qkv_b,
-                     A, B, self.scale, positions, self.inv_freq, cache.k[i], cache.v[i],
-                     cache.valid[i], slot, rows_per_seq, compute_kv)
+                     A, B, self.scale, positions, self.inv_freq, *cache.layers[i], slot,
+                     rows_per_seq, compute_kv)
 
     def qkv(self, blk: FusedBlock, h, index, count, cache: KVCache, i: int, positions, slot,
             rows_per_seq: int) -> torch.Tensor:
@@ -86,16 +86,15 @@ class Stages:
         q = h.new_empty(index.shape[0], self.cfg.q_dim)
         A, B = _ab(blk.qkv_lora)
         ops.qkv_rope(h, index, count, blk.norm1, self.eps, blk.qkv_w, blk.qkv_b, A, B, self.scale,
-                     positions, self.inv_freq, cache.k[i], cache.v[i], cache.valid[i], slot,
-                     rows_per_seq, q)
+                     positions, self.inv_freq, *cache.layers[i], slot, rows_per_seq, q)
         return q
 
     def attend_decode(self, q, cache: KVCache, i: int, index, count, length) -> torch.Tensor:
         """One query per listed row against its sequence's cache slots below `length`."""
         cfg = self.cfg
         M = q.shape[0]
-        o = ops.decode_attention(q.view(M, cfg.num_attention_heads, cfg.head_dim), cache.k[i],
-                                 cache.v[i], cache.valid[i], index, count, length, self.attn_scale)
+        o = ops.decode_attention(q.view(M, cfg.num_attention_heads, cfg.head_dim),
+                                 *cache.layers[i], index, count, length, self.attn_scale)
         return o.view(M, cfg.q_dim)
 
     def attend_prefill(self, q, cache: KVCache, i: int, rows: torch.Tensor, T: int,

@@ -15,6 +15,7 @@ class KVCache:
     for slots not yet written, and under kv_policy "drop" for a token that skipped layer l.
     seen[b] counts the real tokens of sequence b so far (the next RoPE position).
     seq_exec[l, b] holds the per-sequence decisions of `sequence` granularity, fixed at prefill.
+    layers[l] is (k[l], v[l], valid[l]), the views a block's stages take, made once.
     """
 
     def __init__(self, cfg: BackboneConfig, batch_size: int, max_len: int,
@@ -26,6 +27,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, dtype=torch.bool,
                                  device=device)
+        self.layers = [(self.k[i], self.v[i], self.valid[i]) for i in range(cfg.num_hidden_layers)]
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.seq_exec: torch.Tensor | None = None
         self._seq_buffer = torch.zeros(cfg.num_hidden_layers, batch_size, dtype=torch.bool,

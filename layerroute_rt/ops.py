@@ -167,7 +167,7 @@ def _live_rows(
 ) -> torch.Tensor:
     """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host;
     `live`: the count, already read). One row is left to torch's own bounds check."""
-    live = int(count[0]) if live is None else live
+    live = count.item() if live is None else live
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     rows = index[:live].long()
@@ -186,11 +186,11 @@ def _listed_rows(
     """(count, rows) for the block-stage references: rows as _live_rows gives them, or None when
     the list is every one of the n_rows rows in order (at decode, whenever every sequence runs
     the block): the references then read and write whole tensors, no gather and no scatter."""
-    live = int(count[0])
+    live = count.item()
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
     head = index[:live]
-    if live == n_rows and live and (int(head[0]) == 0 if live == 1 else torch.equal(
+    if live == n_rows and live and (head.item() == 0 if live == 1 else torch.equal(
             head, torch.arange(live, dtype=head.dtype, device=head.device))):
         return live, None
     return live, _live_rows(op, index, count, n_rows, unique, live)
@@ -770,7 +770,7 @@ def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None, 
     n, rows = _listed_rows("decode_attention", index, count, k.shape[0], unique=False)
     y = torch.empty_like(q) if out is None else out
     if n:
-        y[:n] = decode_attention_math(q[:n], k, v, valid, scale, min(int(length[0]), k.shape[2]), rows)
+        y[:n] = decode_attention_math(q[:n], k, v, valid, scale, min(length.item(), k.shape[2]), rows)
     return y
 
 
@@ -950,12 +950,12 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
     qk = _rope_ref(y[:, :rotated].reshape(n, -1, hd), cos, sin)
     k = qk[:, qk.shape[1] - hkv:]
     v = y[:, rotated:].reshape(n, hkv, hd)
-    s0 = int(slot[0])
+    s0 = slot.item()
     if rows is None and n == B * rows_per_seq and 0 <= s0 <= S - rows_per_seq:
         # Every row, in order: sequence b's rows fill its slots s0 .. s0 + rows_per_seq - 1.
         k_cache[:, :, s0:s0 + rows_per_seq] = k.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
         v_cache[:, :, s0:s0 + rows_per_seq] = v.view(B, rows_per_seq, hkv, hd).transpose(1, 2)
-        valid[:, s0:s0 + rows_per_seq] = True
+        valid[:, s0:s0 + rows_per_seq].fill_(True)
     else:
         if rows is None:
             rows = torch.arange(n, device=h_rows.device)
@@ -1017,19 +1017,26 @@ def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, 
         _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
                         norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
                         inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
-    if router_w is not None:
+    N = h.shape[0]
+    if router_w is not None:    # the row list as compact_rows lists it: rows in order, then -1
         run = torch.sigmoid(h.float() @ router_w + router_b) >= tau
-        idx, cnt = compact_rows_ref(run)
-        index.copy_(idx)
-        count.copy_(cnt)
         executed.copy_(run)
-        pred.fill_(bool(cnt[0] > 0))
-    if compute_kv:
-        rows = (~run).nonzero().flatten()
-        if rows.numel():
-            every = rows.numel() == h.shape[0]          # every row skips: whole tensors
-            _write_kv_ref(h if every else h[rows], None if every else rows, weight, bias, lora_A, lora_B, scale, positions, inv_freq,
-                          k_cache, v_cache, valid, slot, rows_per_seq, norm_weight, eps, False)
+        listed = run.nonzero().flatten()
+        n_run = listed.numel()
+        index[:n_run] = listed
+        index[n_run:].fill_(-1)
+        count.fill_(n_run)
+        pred.fill_(n_run > 0)
+    else:
+        n_run = -1                               # not known without a read
+    if compute_kv and N and n_run != N:
+        rows = None if n_run == 0 else (~run).nonzero().flatten()
+        if rows is not None and rows.numel() == N:
+            rows = None                          # every row skips: whole tensors
+        if rows is None or rows.numel():
+            _write_kv_ref(h if rows is None else h[rows], rows, weight, bias, lora_A, lora_B,
+                          scale, positions, inv_freq, k_cache, v_cache, valid, slot,
+                          rows_per_seq, norm_weight, eps, False)
 
 
 def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,

@@ -266,6 +266,36 @@ def stage_finalize(args) -> None:
     print(f"finalize: {run / 'adapter'} from step {state['step']}")
 
 
+EVAL_MIX = {"simple_python": 14, "multiple": 6, "parallel": 4, "simple_java": 4,
+            "simple_javascript": 2, "irrelevance": 2}     # the README's held-out eval
+
+
+def stage_valtau(args) -> None:
+    """Choose tau without the held-out cases: BFCL accuracy and FLOPs skipped of the run's adapter
+    at tau 0 and at each --taus value on validation cases, the same mix as the held-out eval but
+    drawn from the training splits among the cases the adapter never trained on (neither a
+    self-generated call nor a planning step: the first of each split's order)."""
+    from layerroute_rt.bfcl_eval import evaluate_bfcl, markdown_table
+    data_dir = real_model.fetch_bfcl()
+    used = set(_load_jsonl(args.work / "self_calls.jsonl")) | set(_load_jsonl(args.work / "planning_steps.jsonl"))
+    cases = []
+    for category, n in EVAL_MIX.items():
+        train_cases, _ = split(category, data_dir)
+        cases += [c for c in train_cases if c.id not in used][:n]
+    model = lr.load(real_model.fetch_model(), adapter=args.work / args.run / "adapter", dtype=torch.float32)
+    report = {"cases": [c.id for c in cases], "by_tau": {}}
+    for tau in [0.0] + list(args.taus):
+        result = evaluate_bfcl(model, cases, settings=("lora" if tau == 0 else "routed",), tau=tau or None,
+                               progress=lambda line: print(line, flush=True))
+        report["by_tau"][str(tau)] = result
+        print(markdown_table(result), flush=True)
+        checkpoint.atomic_write_json(args.work / args.run / "valtau.json", report)
+    for tau, r in report["by_tau"].items():
+        summary = next(iter(r["settings"].values()))["all"]
+        print(f"tau {tau}: {summary['correct']}/{summary['n']}, "
+              f"{summary['generated_total_flops_skipped_pct'] or 0:.2f}% total FLOPs skipped")
+
+
 def stage_stepeval(args) -> None:
     from layerroute_rt import evaluate
     from layerroute_rt.data.splits import length_matched_split
@@ -286,7 +316,7 @@ def stage_stepeval(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval"))
+    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -312,12 +342,14 @@ def main(argv=None) -> int:
                         "dense model's own answers (the selfcalls stage)")
     p.add_argument("--never-skip", type=int, nargs="*", default=[0, 23])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.45, 0.4],
+                   help="valtau: the routing thresholds tried on the validation cases")
     p.add_argument("--step-eval-tools", type=int, default=60)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
-     "stepeval": stage_stepeval}[args.stage](args)
+     "stepeval": stage_stepeval, "valtau": stage_valtau}[args.stage](args)
     return 0
 
 
