@@ -784,6 +784,8 @@ def decode_attention(
     length: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Grouped-query attention of one query per listed row against its sequence's cache.
 
@@ -794,7 +796,8 @@ def decode_attention(
     scale * q[i, h] . k[index[i], h // (H / HKV), s], applied to v; zeros where no slot is
     visible; rows from count on are not written. Inference only.
     """
-    _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
+    if check:
+        _check_decode_attention(q, k, v, valid, index, count, length, scale, out)
     out = torch.empty_like(q) if out is None else out
     _decode_attention_op(q, k, v, valid, index, count, length, float(scale), out)
     return out
@@ -972,7 +975,7 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
 
 def _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
                     eps, weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache,
-                    v_cache, valid, slot, rows_per_seq, compute_kv) -> float:
+                    v_cache, valid, slot, rows_per_seq, compute_kv) -> None:
     op = "route_kv"
     _check_rows(op, h, "h")
     n = h.shape[0]
@@ -1007,7 +1010,6 @@ def _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, execute
         _check_kv_write(op, h, weight, bias, positions, inv_freq, k_cache, v_cache, valid, slot,
                         rows_per_seq, None)
         _check_lora_pair(op, lora_A, lora_B, weight.shape[0], h.shape[1], h)
-    return float(tau) if tau is not None else 0.0
 
 
 def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
@@ -1041,7 +1043,7 @@ def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, 
 
 def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight, eps,
              weight, bias, lora_A, lora_B, scale, positions, inv_freq, k_cache, v_cache, valid,
-             slot, rows_per_seq, compute_kv: bool) -> None:
+             slot, rows_per_seq, compute_kv: bool, *, check: bool = True) -> None:
     """The route stage. With a router (router_w float32 [D], router_b [1], tau): row r of h
     [N, D] runs iff sigmoid(router_w . h[r] + router_b) >= tau; writes executed bool [N], index
     int32 [N] and count int32 [1] as compact_rows makes them, and pred bool (count > 0).
@@ -1050,9 +1052,11 @@ def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm
     [q_dim + 2 kv_dim, D] and `bias`, LoRA A/B stacked as the engine stacks them, RoPE) written
     to the cache layer (k_cache, v_cache [B, HKV, S, hd], valid [B, S]) at slot[0] + r %
     rows_per_seq of sequence r // rows_per_seq. One launch on the Triton path."""
-    tau = _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
-                          norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
-                          inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+    if check:
+        _check_route_kv(h, router_w, router_b, tau, run, index, count, pred, executed,
+                        norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
+                        inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
+    tau = 0.0 if tau is None else float(tau)
     _route_kv_op(h, router_w, router_b, tau, run, index, count, pred, executed, norm_weight,
                  float(eps), weight, bias, lora_A, lora_B, float(scale), positions, inv_freq,
                  k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
@@ -1111,14 +1115,15 @@ def qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B
 
 
 def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
-             inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out) -> None:
+             inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out, *, check: bool = True) -> None:
     """The qkv stage: for i < count, row r = index[i] of h [N, D]: xn = RMSNorm(h[r]) with
     norm_weight; [q | k | v] = xn weight^T + bias + scale (xn A^T) B^T; q_out[i] = RoPE(q) at
     positions[r] ([M, H hd]); K = RoPE(k) and V = v written to the cache layer at slot
     slot[0] + r % rows_per_seq of sequence r // rows_per_seq, whose valid entry is set. Rows of
     q_out from count on are not written. One launch on the Triton path."""
-    _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
-                    positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
+    if check:
+        _check_qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale,
+                        positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out)
     _qkv_rope_op(h, index, count, norm_weight, float(eps), weight, bias, lora_A, lora_B,
                  float(scale), positions, inv_freq, k_cache, v_cache, valid, slot, rows_per_seq,
                  q_out)
@@ -1172,12 +1177,14 @@ def linear_scatter_add_ref(x, index, count, weight, lora_A, lora_B, scale, resid
             residual[rows] = residual[rows] + y
 
 
-def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual) -> None:
+def linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual, *,
+                       check: bool = True) -> None:
     """residual[index[i]] += x[i] weight^T + scale (x[i] A^T) B^T for i < count (o_proj and
     down_proj with the residual add in the epilogue). x [M, K] in gathered space, weight
     [D, K], residual [N, D] (x's dtype); index[:count] unique rows of the residual. The product
     is rounded to the residual's dtype, then the sum. One launch on the Triton path."""
-    _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
+    if check:
+        _check_linear_scatter_add(x, index, count, weight, lora_A, lora_B, scale, residual)
     _linear_scatter_add_op(x, index, count, weight, lora_A, lora_B, float(scale), residual)
 
 
@@ -1219,12 +1226,14 @@ def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, 
         torch.mul(torch.nn.functional.silu(gu[:, :inter]), gu[:, inter:], out=out[:n])
 
 
-def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out) -> None:
+def norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out, *,
+                 check: bool = True) -> None:
     """out[i] = silu(g) * u with [g | u] = xn weight^T + scale (xn A^T) B^T and xn =
     RMSNorm(h[index[i]]) with norm_weight, for i < count (post_attention_layernorm, gate_proj,
     up_proj and the activation). weight [2 I, D] (gate rows first); out [M, I] in h's dtype,
     rows from count on not written. One launch on the Triton path."""
-    _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
+    if check:
+        _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
     _norm_gate_up_op(h, index, count, norm_weight, float(eps), weight, lora_A, lora_B,
                      float(scale), out)
 
@@ -1259,11 +1268,12 @@ def norm_linear_ref(h, norm_weight, eps, weight, out, *, check=True) -> torch.Te
     return out
 
 
-def norm_linear(h, norm_weight, eps, weight, out) -> torch.Tensor:
+def norm_linear(h, norm_weight, eps, weight, out, *, check: bool = True) -> torch.Tensor:
     """out = float32(RMSNorm(h) weight^T) (the final norm and the lm_head; the product rounded to
     h's dtype first, as F.linear in h's dtype). h [N, D], weight [V, D], out float32 [N, V].
     One launch on the Triton path."""
-    _check_norm_linear(h, norm_weight, eps, weight, out)
+    if check:
+        _check_norm_linear(h, norm_weight, eps, weight, out)
     _norm_linear_op(h, norm_weight, float(eps), weight, out)
     return out
 
