@@ -9,8 +9,15 @@ into the repository):
             prompt exactly as `layerroute eval --bfcl` renders them (cached as JSONL): the
             tool-call targets of `train --targets self`, on the distribution generation sees
   train     routers + LoRA on BFCL tool-call steps (the training split) and those planning steps
+  finalize  a run stopped before its last step: its latest checkpoint becomes its adapter
   stepeval  per step type on held-out steps: skip rate, FLOPs skipped, perplexity delta, with a
             length-matched split (layerroute_rt.evaluate)
+  valtau    BFCL accuracy and FLOPs skipped at several tau on training-split cases the adapter
+            never saw: tau chosen without the held-out cases
+
+The shipped planning_steps.jsonl and self_calls.jsonl (layerroute_rt/assets/qwen2.5-coder-0.5b/),
+copied into --work, make `planning` and `selfcalls --self-call-factor 2` no-ops (each stage resumes
+from its JSONL).
 
 BFCL accuracy of the three settings comes from `layerroute eval --bfcl` (layerroute_rt.bfcl_eval).
 The held-out BFCL cases are the first HELDOUT[category] of data.bfcl.split_ids(seed 0): training
