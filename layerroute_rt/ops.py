@@ -163,7 +163,8 @@ def _check_index_count(
 
 
 def _live_rows(
-    op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool, live: int | None = None
+    op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool,
+    live: int | None = None,
 ) -> torch.Tensor:
     """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host;
     `live`: the count, already read). One row is left to torch's own bounds check."""
@@ -770,7 +771,8 @@ def decode_attention_ref(q, k, v, valid, index, count, length, scale, out=None, 
     n, rows = _listed_rows("decode_attention", index, count, k.shape[0], unique=False)
     y = torch.empty_like(q) if out is None else out
     if n:
-        y[:n] = decode_attention_math(q[:n], k, v, valid, scale, min(length.item(), k.shape[2]), rows)
+        n_keys = min(length.item(), k.shape[2])
+        y[:n] = decode_attention_math(q[:n], k, v, valid, scale, n_keys, rows)
     return y
 
 
@@ -817,9 +819,10 @@ def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> No
 # block with, at prefill and at decode. Each reads its row list and count from device memory
 # (python_kernels/<op>.py); the references below read the count on the host (the oracle and the
 # CPU path) and, for a list of every row in order (every sequence runs the block), read and write
-# whole tensors (_listed_rows: no gather, no scatter). Inference only. Row spaces: h is the residual [N, D]; a row list (index int32 [M],
-# count int32 [1]) names the rows of h that run, and the stages' intermediate tensors (q, the
-# attention output, the MLP activation) are in gathered space (row i < count is h's index[i]).
+# whole tensors (_listed_rows: no gather, no scatter). Inference only. Row spaces: h is the
+# residual [N, D]; a row list (index int32 [M], count int32 [1]) names the rows of h that run,
+# and the stages' intermediate tensors (q, the attention output, the MLP activation) are in
+# gathered space (row i < count is h's index[i]).
 # RoPE angles are positions x inv_freq in float32 (rope_inv_freq: the engine's one table);
 # a row r of h caches its K/V at sequence r // rows_per_seq, slot slot[0] + r % rows_per_seq.
 
@@ -1115,7 +1118,8 @@ def qkv_rope_ref(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B
 
 
 def qkv_rope(h, index, count, norm_weight, eps, weight, bias, lora_A, lora_B, scale, positions,
-             inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out, *, check: bool = True) -> None:
+             inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, q_out, *,
+             check: bool = True) -> None:
     """The qkv stage: for i < count, row r = index[i] of h [N, D]: xn = RMSNorm(h[r]) with
     norm_weight; [q | k | v] = xn weight^T + bias + scale (xn A^T) B^T; q_out[i] = RoPE(q) at
     positions[r] ([M, H hd]); K = RoPE(k) and V = v written to the cache layer at slot
