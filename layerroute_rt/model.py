@@ -318,7 +318,8 @@ class LayerRouteModel(nn.Module):
                       route_mask: torch.Tensor | None = None, tau: float | None = None,
                       skip_layers=None, full_logits: bool = True,
                       teacher_logits: torch.Tensor | None = None,
-                      distill_weight: float = 0.0) -> TrainOutput:
+                      distill_weight: float = 0.0,
+                      label_weight: torch.Tensor | None = None) -> TrainOutput:
         """Autograd path: every token computes every block; straight-through hard gates.
 
         labels [B, T]: the next-token targets are labels[:, 1:] for logits[:, :-1]; loss_mask
@@ -330,7 +331,9 @@ class LayerRouteModel(nn.Module):
         out.scored_logits holds the logits of the scored positions (in order, row-major), so a
         no-grad call gives a teacher's: with teacher_logits [N, vocab] from such a call, the loss
         adds distill_weight x KL(softmax(teacher) || softmax(logits)), the mean over the scored
-        positions (self-distillation, e.g. from the frozen dense model).
+        positions (self-distillation, e.g. from the frozen dense model). label_weight [B, T]
+        weighs each label position's KL in that mean (the sum of weight x KL over the scored
+        positions, divided by their number; default: weight 1).
         """
         cfg, lr = self.config, self.lr_config
         tau, skip = self._tau(tau), self._skip_set(skip_layers)
@@ -390,9 +393,19 @@ class LayerRouteModel(nn.Module):
                 if teacher_logits.shape != scored.shape:
                     raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal the "
                                      f"scored logits' {tuple(scored.shape)} (one row per scored position)")
-                distill = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
-                                   F.log_softmax(_at_least_fp32(teacher_logits), -1),
-                                   log_target=True, reduction="batchmean")
+                if label_weight is None:
+                    distill = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
+                                       F.log_softmax(_at_least_fp32(teacher_logits), -1),
+                                       log_target=True, reduction="batchmean")
+                else:
+                    if label_weight.shape != labels.shape:
+                        raise ValueError(f"label_weight shape {tuple(label_weight.shape)} must equal "
+                                         f"labels shape {tuple(labels.shape)}")
+                    kl = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
+                                  F.log_softmax(_at_least_fp32(teacher_logits), -1),
+                                  log_target=True, reduction="none").sum(-1)
+                    weight = label_weight[:, 1:][tgt_mask].to(kl.dtype)
+                    distill = (weight * kl).sum() / max(kl.numel(), 1)
                 loss = loss + distill_weight * distill
         return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce,
                            None if labels is None else scored, distill)

@@ -129,3 +129,46 @@ def _bare(text: str) -> list[tuple[int, dict]]:
             pos = end
         else:
             pos = start + 1                    # not a call: look inside it
+
+
+_LITERAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|true|false|null")
+
+
+def json_value_spans(text: str) -> list[tuple[int, int]]:
+    """The character spans [start, end) of the JSON values in `text`: every string that is not
+    an object key (quotes included), number, true, false and null inside a {...} or [...]
+    (outside brackets, prose is left alone). A lexer, not a parser: it needs no valid JSON, so a
+    truncated or commented call still has its values found. Training weights the tokens of these
+    spans (a call's argument values, where a skipped block most often changes the call)."""
+    spans: list[tuple[int, int]] = []
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth = max(0, depth - 1)
+        elif c == '"' and depth:
+            end = i + 1
+            while end < n and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            end = min(end + 1, n)                      # past the closing quote (or the text's end)
+            after = end
+            while after < n and text[after] in " \t\r\n":
+                after += 1
+            if after >= n or text[after] != ":":      # a key is followed by ':'
+                spans.append((i, end))
+            i = end
+            continue
+        elif depth and (c.isdigit() or c in "-.tfn"):
+            m = _LITERAL.match(text, i)
+            if m and not _in_word(text, i - 1) and not _in_word(text, m.end()):
+                spans.append((i, m.end()))
+                i = m.end()
+                continue
+        i += 1
+    return spans
+
+
+def _in_word(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")

@@ -172,7 +172,8 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                 teacher = _teacher_logits(model, batch["input_ids"], args, cfg) \
                     if cfg.distill_weight > 0 else None
                 res = model.train_forward(batch["input_ids"], teacher_logits=teacher,
-                                          distill_weight=cfg.distill_weight, **args)
+                                          distill_weight=cfg.distill_weight,
+                                          label_weight=batch.get("label_weight"), **args)
             (res.loss / cfg.grad_accum).backward()
             scored = batch["attention_mask"].bool() & batch["loss_mask"].bool()
             skip = 1.0 - res.executed[:, scored].float().mean()       # on the steps' own tokens

@@ -40,7 +40,7 @@ import torch
 import layerroute_rt as lr
 from layerroute_rt import checkpoint, real_model
 from layerroute_rt.data import bfcl
-from layerroute_rt.data.examples import IGNORE_INDEX, Example, build_examples, collate
+from layerroute_rt.data.examples import IGNORE_INDEX, Example, build_examples, collate, value_label_weight
 from layerroute_rt.data.types import Step, Trajectory
 
 TOOL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "simple_java",
@@ -156,9 +156,10 @@ def stage_selfcalls(args) -> None:
           f"ended at EOS -> {out}")
 
 
-def self_call_examples(work: Path, tok, max_length: int) -> list[Example]:
+def self_call_examples(work: Path, tok, max_length: int, value_weight: float = 0.0) -> list[Example]:
     """The dense model's own answers as tool-call steps: the rendered prompt, then the generated
-    tokens up to and including EOS (answers cut by the token budget are left out)."""
+    tokens up to and including EOS (answers cut by the token budget are left out). With
+    value_weight > 0 the KL of the tokens of the call's JSON values weighs 1 + value_weight."""
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
     for line in (work / "self_calls.jsonl").read_text().splitlines():
@@ -171,9 +172,11 @@ def self_call_examples(work: Path, tok, max_length: int) -> list[Example]:
         if len(step) >= max_length:
             continue
         context = r["prompt_ids"][len(step) - max_length:]
+        weight = None if value_weight == 0 else \
+            (1.0,) * len(context) + value_label_weight(tok, step, value_weight)
         out.append(Example(context + step, [IGNORE_INDEX] * len(context) + step,
                            [False] * len(context) + [True] * len(step), "tool_call", len(step),
-                           r["id"], 1))
+                           r["id"], 1, weight))
     return out
 
 
@@ -225,7 +228,9 @@ def stage_train(args) -> None:
     train_ex, held_ex = datasets(args, tok)
     if args.targets == "self":        # the dense model's own answers replace the reference calls
         train_ex = [e for e in train_ex if e.step_type == "planning"] + \
-            self_call_examples(args.work, tok, args.max_length)
+            self_call_examples(args.work, tok, args.max_length, args.value_weight)
+    elif args.value_weight:
+        raise SystemExit("train: --value-weight needs --targets self (the weights are set on the self-calls)")
     # Within the budget (--max-examples): every planning step, and a random subset of the calls.
     rng = random.Random(args.seed)
     plans = [e for e in train_ex if e.step_type == "planning"]
@@ -248,7 +253,8 @@ def stage_train(args) -> None:
         "heldout": HELDOUT, "trained_trajectories": trained})
     checkpoint.atomic_write_json(run / "recipe.json", {
         "train_config": asdict(tc), "layerroute_config": cfg.to_dict(), "examples": kinds,
-        "max_length": args.max_length, "cpu_seconds_this_invocation": time.time() - t0,
+        "max_length": args.max_length, "value_weight": args.value_weight,
+        "command": " ".join(sys.argv), "cpu_seconds_this_invocation": time.time() - t0,
         "torch_threads": torch.get_num_threads(), "final": row})
     print(json.dumps(row), f"{time.time() - t0:.0f} s")
 
@@ -339,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--router-lr", type=float, default=1e-3)
     p.add_argument("--gate-lambda", type=float, default=0.5)
     p.add_argument("--distill", type=float, default=0.0)
+    p.add_argument("--value-weight", type=float, default=0.0,
+                   help="train (--targets self): the KL of the tokens of a call's JSON values "
+                        "weighs 1 + this (argument values: where skipping changes the call)")
     p.add_argument("--target-rate", type=float, default=None,
                    help="train: the gate term is (mean p - TARGET)^2 (p: the run probability)")
     p.add_argument("--self-call-factor", type=float, default=1.0,

@@ -364,6 +364,44 @@ def test_examples_reject_bad_arguments(tok, trajectories):
         D.collate([])
 
 
+def test_value_label_weight_marks_the_json_value_tokens(tok):
+    """1 + weight on exactly the tokens that overlap a JSON value of the decoded step, 1 on the
+    rest; the tokens add up to the text, so every value character lies in a weighted token."""
+    from layerroute_rt.toolcalls import json_value_spans
+    text = '```json\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```'
+    ids = tok.encode(text, add_special_tokens=False)
+    weight = D.value_label_weight(tok, ids, 4.0)
+    assert len(weight) == len(ids) and set(weight) == {1.0, 5.0}
+    value_chars = {i for s, e in json_value_spans(text) for i in range(s, e)}
+    pos = 0
+    for t, w in zip(ids, weight):
+        piece = tok.decode([t])
+        chars = set(range(pos, pos + len(piece)))
+        assert (w == 5.0) == bool(chars & value_chars), (piece, w)
+        pos += len(piece)
+    assert pos == len(text)
+    assert D.value_label_weight(tok, ids, 0.0) == (1.0,) * len(ids)
+    assert D.value_label_weight(tok, tok.encode("plain words only", add_special_tokens=False), 4.0) \
+        == (1.0,) * len(tok.encode("plain words only", add_special_tokens=False))
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        D.value_label_weight(tok, ids, -1.0)
+
+
+def test_collate_label_weight(tok, trajectories):
+    examples = D.build_examples(trajectories[:2], tok, max_length=1024)[:3]
+    assert "label_weight" not in D.collate(examples)
+    import dataclasses
+    w = tuple(float(i % 3) for i in range(len(examples[1].input_ids)))
+    weighted = [examples[0], dataclasses.replace(examples[1], label_weight=w), examples[2]]
+    batch = D.collate(weighted)
+    n = len(w)
+    assert batch["label_weight"].dtype == torch.float32
+    assert batch["label_weight"][1, :n].tolist() == list(w)
+    assert (batch["label_weight"][1, n:] == 1).all() and (batch["label_weight"][[0, 2]] == 1).all()
+    with pytest.raises(ValueError, match="label_weight has 2 entries"):
+        dataclasses.replace(examples[0], label_weight=(1.0, 1.0))
+
+
 def test_collate_pads_right_and_fits_train_forward(tok, trajectories, tmp_path):
     examples = D.build_examples(trajectories[:4], tok, max_length=1024)
     examples = sorted(examples, key=lambda e: len(e.input_ids))[:12:3]

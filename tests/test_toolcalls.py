@@ -1,4 +1,6 @@
 """parse_tool_calls: Qwen's <tool_call> tags, fenced JSON and bare JSON, malformed calls reported."""
+import pytest
+
 from layerroute_rt.toolcalls import parse_tool_calls
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
@@ -111,3 +113,22 @@ def test_no_call_at_all():
 
 def test_not_a_string_is_an_error():
     assert "expected generated text" in parse_tool_calls(None)[0]["error"]
+
+
+# -- json_value_spans: the argument values a training KL can weigh ------------------------------
+
+@pytest.mark.parametrize("text, values", [
+    ('```json\n{"name": "f", "arguments": {"a": 1.5e3, "b": [-2, true, null], "c": "x\\"y"}}\n```',
+     ['"f"', "1.5e3", "-2", "true", "null", '"x\\"y"']),
+    ('In 2021 "quoted" prose <tool_call>{"name": "g", "arguments": {"k" : "v"}}</tool_call>',
+     ['"g"', '"v"']),                                   # outside brackets nothing counts
+    ('{"a": nullable, "b": x2, "c": [3, .5], "d": "cut', ["3", ".5", '"cut']),
+    ('[{"name": "h", "arguments": {}}, {"name": "i", "arguments": {"n": 0}}]', ['"h"', '"i"', "0"]),
+    ("no json at all", []),
+    ("", []),
+])
+def test_json_value_spans(text, values):
+    from layerroute_rt.toolcalls import json_value_spans
+    spans = json_value_spans(text)
+    assert [text[s:e] for s, e in spans] == values
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))      # in order, disjoint

@@ -231,6 +231,55 @@ def test_distill_is_the_kl_to_the_teacher(backbone):
         model.train_forward(b["input_ids"], teacher_logits=base[:-1], distill_weight=1.0, **args)
 
 
+def test_label_weight_weighs_each_position_in_the_kl(backbone):
+    """label_weight [B, T]: weight x KL per scored position, summed and divided by their number;
+    all ones is the unweighted KL, and train() passes a batch's label_weight through."""
+    model = lr.load(backbone)
+    model.randomize_adapter(seed=3)
+    b = collate(toy_examples(4))
+    args = dict(labels=b["input_ids"], attention_mask=b["attention_mask"], loss_mask=b["loss_mask"],
+                full_logits=False)
+    with torch.no_grad():
+        with model.adapter_disabled():
+            base = model.train_forward(b["input_ids"], tau=0.0, **args).scored_logits
+        plain = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0, **args)
+        ones = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0,
+                                   label_weight=torch.ones(b["input_ids"].shape), **args)
+        weight = torch.rand(b["input_ids"].shape, generator=torch.Generator().manual_seed(0)) * 3
+        out = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0,
+                                  label_weight=weight, **args)
+    assert float(ones.distill) == pytest.approx(float(plain.distill), rel=1e-6)
+    p_t = torch.softmax(base.double(), -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(out.scored_logits.double(), -1))).sum(-1)
+    tgt = (b["loss_mask"] & b["attention_mask"])[:, 1:] & b["attention_mask"][:, :-1]
+    w = weight[:, 1:][tgt].double()                 # the weight of the label each row predicts
+    assert float(out.distill) == pytest.approx(float((w * kl).sum() / kl.numel()), rel=1e-4)
+    assert float(out.distill) != pytest.approx(float(plain.distill), rel=1e-3)
+    with pytest.raises(ValueError, match="label_weight shape"):
+        model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0,
+                            label_weight=weight[:, 1:], **args)
+
+
+def test_train_passes_the_batch_label_weight(backbone, tmp_path, monkeypatch):
+    seen = []
+    forward = lr.LayerRouteModel.train_forward
+
+    def spy(self, *a, label_weight=None, **k):
+        seen.append(label_weight)
+        return forward(self, *a, label_weight=label_weight, **k)
+
+    def weighted(batch):
+        out = collate(batch)
+        out["label_weight"] = torch.full(out["input_ids"].shape, 2.0)
+        return out
+
+    monkeypatch.setattr(lr.LayerRouteModel, "train_forward", spy)
+    cfg = TrainConfig(steps=1, batch_size=2, grad_accum=1, distill_weight=1.0, warmup_steps=1)
+    train(lr.load(backbone), toy_examples(4), weighted, tmp_path / "run", cfg, progress=False)
+    student = [w for w in seen if w is not None]
+    assert len(student) == 1 and (student[0] == 2.0).all()
+
+
 def test_gate_on_step_counts_only_the_step_tokens(backbone):
     model = lr.load(backbone)
     model.randomize_adapter(seed=1)

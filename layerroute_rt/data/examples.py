@@ -17,6 +17,7 @@ from typing import Any
 import tokenizers
 import torch
 
+from ..toolcalls import json_value_spans
 from .chat import render_chatml, to_chat_messages
 from .types import ROLE_OF, ROUTED_STEP_TYPES, Trajectory
 
@@ -28,7 +29,9 @@ Render = Callable[[list[dict[str, Any]], tuple[dict, ...], bool], str]
 @dataclass(frozen=True)
 class Example:
     """One step in its context. labels are the input ids on the step's tokens and IGNORE_INDEX
-    elsewhere; loss_mask is True exactly on the step's tokens (the last step_len positions)."""
+    elsewhere; loss_mask is True exactly on the step's tokens (the last step_len positions).
+    label_weight, if set, weighs each label position in the distillation term (one per input
+    id; see value_label_weight)."""
     input_ids: list[int]
     labels: list[int]
     loss_mask: list[bool]
@@ -36,6 +39,12 @@ class Example:
     step_len: int
     traj_id: str
     step_index: int
+    label_weight: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.label_weight is not None and len(self.label_weight) != len(self.input_ids):
+            raise ValueError(f"Example {self.traj_id}: label_weight has {len(self.label_weight)} entries, "
+                             f"expected one per input id ({len(self.input_ids)})")
 
 
 def _renderer(tokenizer: Any) -> Render:
@@ -123,10 +132,30 @@ def build_examples(trajectories: Iterable[Trajectory], tokenizer: Any, max_lengt
     return examples
 
 
+def value_label_weight(tokenizer: Any, step_ids: Sequence[int], weight: float) -> tuple[float, ...]:
+    """One weight per step token: 1 + weight on the tokens that overlap a JSON value of the
+    decoded step (toolcalls.json_value_spans: argument values, quotes included), 1 elsewhere.
+    Character offsets come from decoding growing prefixes, so a token that ends inside a
+    multi-byte character counts with the character it completes."""
+    if weight < 0:
+        raise ValueError(f"value_label_weight: weight must be >= 0, got {weight!r}")
+    ends, end = [], 0
+    for i in range(len(step_ids)):
+        end = max(end, len(tokenizer.decode(list(step_ids[:i + 1]))))
+        ends.append(end)
+    text = tokenizer.decode(list(step_ids))
+    in_value = [False] * (len(text) + 1)
+    for s, e in json_value_spans(text):
+        in_value[s:e] = [True] * (e - s)
+    starts = [0] + ends[:-1]
+    return tuple(1.0 + weight if any(in_value[s:e]) else 1.0 for s, e in zip(starts, ends))
+
+
 def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Any]:
     """Right-pad a batch for LayerRouteModel.train_forward: input_ids, labels (IGNORE_INDEX on
     context and padding), attention_mask and loss_mask [B, T]; step_type and traj_id lists;
-    step_len [B]. labels[:, 1:] are the targets of logits[:, :-1], as train_forward reads them."""
+    step_len [B]. labels[:, 1:] are the targets of logits[:, :-1], as train_forward reads them.
+    When an example has label_weight: label_weight [B, T] too (1 where an example has none)."""
     if not examples:
         raise ValueError("collate needs at least one example")
     B, T = len(examples), max(len(e.input_ids) for e in examples)
@@ -140,7 +169,14 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Any]:
         labels[b, :n] = torch.tensor(e.labels)
         attention_mask[b, :n] = 1
         loss_mask[b, :n] = torch.tensor(e.loss_mask)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "loss_mask": loss_mask, "step_type": [e.step_type for e in examples],
-            "traj_id": [e.traj_id for e in examples],
-            "step_len": torch.tensor([e.step_len for e in examples], dtype=torch.long)}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "loss_mask": loss_mask, "step_type": [e.step_type for e in examples],
+             "traj_id": [e.traj_id for e in examples],
+             "step_len": torch.tensor([e.step_len for e in examples], dtype=torch.long)}
+    if any(e.label_weight is not None for e in examples):
+        weight = torch.ones(B, T, dtype=torch.float32)
+        for b, e in enumerate(examples):
+            if e.label_weight is not None:
+                weight[b, :len(e.input_ids)] = torch.tensor(e.label_weight)
+        batch["label_weight"] = weight
+    return batch
