@@ -14,6 +14,8 @@ into the repository):
             length-matched split (layerroute_rt.evaluate)
   valtau    BFCL accuracy and FLOPs skipped at several tau on training-split cases the adapter
             never saw: tau chosen without the held-out cases
+  valueskip the skip rate on a call's JSON-value tokens against the rest, teacher-forced on the
+            frozen base's answers to the held-out eval cases
 
 The shipped planning_steps.jsonl and self_calls.jsonl (layerroute_rt/assets/qwen2.5-coder-0.5b/),
 copied into --work, make `planning` and `selfcalls --self-call-factor 2` no-ops (each stage resumes
@@ -309,6 +311,44 @@ def stage_valtau(args) -> None:
               f"{summary['generated_total_flops_skipped_pct'] or 0:.2f}% total FLOPs skipped")
 
 
+def stage_valueskip(args) -> None:
+    """Where the routers skip: the skip rate at the positions that predict a JSON-value token of
+    a call (its argument values, toolcalls.json_value_spans) against the rest, teacher-forced on the frozen base's own
+    answers to the held-out eval cases (--answers: a `layerroute eval --bfcl` JSON with a base
+    setting), the adapter at its tau. Block-token pairs over all blocks, pinned ones included."""
+    from transformers import AutoTokenizer
+    from layerroute_rt.bfcl_eval import render_prompt
+    model_dir, data_dir = real_model.fetch_model(), real_model.fetch_bfcl()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    answers = {c["id"]: c["text"] for c in json.loads(args.answers.read_text())["settings"]["base"]["cases"]}
+    by_id = {c.id: c for cat in {i.rsplit("_", 1)[0] for i in answers} for c in bfcl.load_category(data_dir, cat)}
+    model = lr.load(model_dir, adapter=args.work / args.run / "adapter", dtype=torch.float32)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    skipped = {"value": 0, "other": 0}
+    pairs = {"value": 0, "other": 0}
+    for i, (case_id, text) in enumerate(answers.items()):
+        prompt = render_prompt(tok, by_id[case_id])
+        step = tok.encode(text, add_special_tokens=False) + [eos]
+        value = torch.tensor(value_label_weight(tok, step, 1.0)) > 1
+        ids = torch.tensor([prompt + step])
+        with torch.no_grad():
+            out = model.train_forward(ids, labels=ids, full_logits=False,
+                                      loss_mask=torch.arange(ids.shape[1])[None] >= len(prompt))
+        # Step token j is predicted at input position len(prompt) - 1 + j: the routing there is
+        # what decides it (and what the value weight of `train --value-weight` acts on).
+        ran = out.executed[:, 0, len(prompt) - 1:-1]                      # [L, len(step)]
+        for kind, mask in (("value", value), ("other", ~value)):
+            skipped[kind] += int((~ran[:, mask]).sum())
+            pairs[kind] += int(mask.sum()) * ran.shape[0]
+        print(f"valueskip {i + 1}/{len(answers)} {case_id}", flush=True)
+    report = {"run": args.run, "answers": str(args.answers), "tau": model.lr_config.tau,
+              **{f"{k}_skip_rate": skipped[k] / max(pairs[k], 1) for k in skipped},
+              "value_tokens": pairs["value"] // len(model.blocks),
+              "other_tokens": pairs["other"] // len(model.blocks)}
+    checkpoint.atomic_write_json(args.work / args.run / "valueskip.json", report)
+    print(json.dumps(report))
+
+
 def stage_stepeval(args) -> None:
     from layerroute_rt import evaluate
     from layerroute_rt.data.splits import length_matched_split
@@ -329,7 +369,8 @@ def stage_stepeval(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau"))
+    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau",
+                                      "valueskip"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -361,11 +402,13 @@ def main(argv=None) -> int:
     p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.45, 0.4],
                    help="valtau: the routing thresholds tried on the validation cases")
     p.add_argument("--step-eval-tools", type=int, default=60)
+    p.add_argument("--answers", type=Path, default=Path(lr.__file__).parent / "assets" / "qwen2.5-coder-0.5b"
+                   / "eval" / "bfcl_heldout64.json", help="valueskip: the frozen base's answers to teacher-force")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
-     "stepeval": stage_stepeval, "valtau": stage_valtau}[args.stage](args)
+     "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip}[args.stage](args)
     return 0
 
 
