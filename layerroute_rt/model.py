@@ -393,19 +393,15 @@ class LayerRouteModel(nn.Module):
                 if teacher_logits.shape != scored.shape:
                     raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal the "
                                      f"scored logits' {tuple(scored.shape)} (one row per scored position)")
-                if label_weight is None:
-                    distill = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
-                                       F.log_softmax(_at_least_fp32(teacher_logits), -1),
-                                       log_target=True, reduction="batchmean")
-                else:
+                kl = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
+                              F.log_softmax(_at_least_fp32(teacher_logits), -1),
+                              log_target=True, reduction="none").sum(-1)        # [N]
+                if label_weight is not None:
                     if label_weight.shape != labels.shape:
                         raise ValueError(f"label_weight shape {tuple(label_weight.shape)} must equal "
                                          f"labels shape {tuple(labels.shape)}")
-                    kl = F.kl_div(F.log_softmax(_at_least_fp32(scored), -1),
-                                  F.log_softmax(_at_least_fp32(teacher_logits), -1),
-                                  log_target=True, reduction="none").sum(-1)
-                    weight = label_weight[:, 1:][tgt_mask].to(kl.dtype)
-                    distill = (weight * kl).sum() / max(kl.numel(), 1)
+                    kl = kl * label_weight[:, 1:][tgt_mask].to(kl.dtype)
+                distill = kl.sum() / max(kl.numel(), 1)
                 loss = loss + distill_weight * distill
         return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce,
                            None if labels is None else scored, distill)
