@@ -205,18 +205,25 @@ def test_schedule_and_config_errors():
 
 # -- the quality-keeping additions: self-distillation, gate on step tokens, pinned blocks ------
 
-def test_distill_is_the_kl_to_the_teacher(backbone):
-    """KL(teacher || model) on the scored positions: 0 against itself, equal to the explicit sum
-    against another teacher, and its weight scales what it adds to the loss."""
+def distill_setup(backbone):
+    """A model with a random adapter, a toy batch, train_forward's scoring arguments, and the
+    frozen base's logits on the scored positions (the distillation teacher)."""
     model = lr.load(backbone)
     model.randomize_adapter(seed=3)
     b = collate(toy_examples(4))
     args = dict(labels=b["input_ids"], attention_mask=b["attention_mask"], loss_mask=b["loss_mask"],
                 full_logits=False)
+    with torch.no_grad(), model.adapter_disabled():
+        base = model.train_forward(b["input_ids"], tau=0.0, **args).scored_logits
+    return model, b, args, base
+
+
+def test_distill_is_the_kl_to_the_teacher(backbone):
+    """KL(teacher || model) on the scored positions: 0 against itself, equal to the explicit sum
+    against another teacher, and its weight scales what it adds to the loss."""
+    model, b, args, base = distill_setup(backbone)
     with torch.no_grad():
         own = model.train_forward(b["input_ids"], **args).scored_logits
-        with model.adapter_disabled():
-            base = model.train_forward(b["input_ids"], tau=0.0, **args).scored_logits
     same = model.train_forward(b["input_ids"], teacher_logits=own, distill_weight=1.0, **args)
     assert float(same.distill) == pytest.approx(0.0, abs=1e-6)
     out = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=0.5, **args)
@@ -233,15 +240,9 @@ def test_distill_is_the_kl_to_the_teacher(backbone):
 
 def test_label_weight_weighs_each_position_in_the_kl(backbone):
     """label_weight [B, T]: weight x KL per scored position, summed and divided by their number;
-    all ones is the unweighted KL, and train() passes a batch's label_weight through."""
-    model = lr.load(backbone)
-    model.randomize_adapter(seed=3)
-    b = collate(toy_examples(4))
-    args = dict(labels=b["input_ids"], attention_mask=b["attention_mask"], loss_mask=b["loss_mask"],
-                full_logits=False)
+    all ones is the unweighted KL."""
+    model, b, args, base = distill_setup(backbone)
     with torch.no_grad():
-        with model.adapter_disabled():
-            base = model.train_forward(b["input_ids"], tau=0.0, **args).scored_logits
         plain = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0, **args)
         ones = model.train_forward(b["input_ids"], teacher_logits=base, distill_weight=1.0,
                                    label_weight=torch.ones(b["input_ids"].shape), **args)
