@@ -403,7 +403,9 @@ def main(argv=None) -> int:
                    help="valtau: the routing thresholds tried on the validation cases")
     p.add_argument("--step-eval-tools", type=int, default=60)
     p.add_argument("--answers", type=Path, default=Path(lr.__file__).parent / "assets" / "qwen2.5-coder-0.5b"
-                   / "eval" / "bfcl_heldout64.json", help="valueskip: the frozen base's answers to teacher-force")
+                   / "run_c" / "bfcl_heldout64.json",
+                   help="valueskip: the frozen base's answers to teacher-force (default: its answers to "
+                        "the first 64 held-out cases, in run c's eval)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
