@@ -37,7 +37,7 @@ def test_shipped_adapter_routes_a_tool_call(real_model_dir):
     assert skip[0] == 0.0 and skip[-1] == 0.0                          # pinned to run
     record = json.loads((ASSET / "data_config.json").read_text())
     trained = set(record["trained_trajectories"])
-    # Run c: trained on the dense model's own answers shipped beside it (those that ended at EOS)
+    # Run h (like c): trained on the dense model's own answers shipped beside it (those that ended at EOS)
     calls = [json.loads(line) for line in (ASSET / "self_calls.jsonl").read_text().splitlines()]
     assert {r["id"] for r in calls if r["finish_reason"] == "stop"} <= trained
     for category, n in record["heldout"].items():        # the README's eval cases were held out
