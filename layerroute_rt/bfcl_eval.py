@@ -39,7 +39,7 @@ import torch
 
 from .data.bfcl import CATEGORIES, NO_CALL_CATEGORIES, BfclCase
 from .engine import InferenceModel
-from .flops import FlopsReport
+from .flops import FlopsReport, flops_report
 from .generate import decode_router_blocks, generate, generated_flops, load_tokenizer
 from .model import LayerRouteModel
 from .toolcalls import parse_tool_calls
@@ -280,28 +280,50 @@ def _check_args(cases, settings, max_new_tokens, batch_size, tau):
         raise ValueError(f"evaluate_bfcl: tau must be None (the adapter's) or in [0, 1], got {tau!r}")
 
 
+def prompt_flops(engine, executed: torch.Tensor, valid: torch.Tensor, width: int) -> FlopsReport:
+    """FLOPs of prefill over a GenerateOutput's prompt columns [:width] (routers charged on every
+    block: prefill runs them at any tau)."""
+    valid = valid[:, :width]
+    return flops_report(engine.config, engine.lr_config, executed[:, :, :width],
+                        valid.long().cumsum(1), valid)
+
+
+def _flops_dict(report: FlopsReport) -> dict:
+    return {"block": report.block_flops, "block_run": report.block_flops_run,
+            "total": report.total_flops, "total_run": report.total_flops_run}
+
+
 class _Tally:
-    """Counts and FLOPs summed over cases."""
+    """Counts, and FLOPs summed over cases: the generated tokens' and the prompts'."""
 
     def __init__(self):
-        self.n = self.correct = self.new_tokens = 0
-        self.flops = [0.0, 0.0, 0.0, 0.0]
+        self.n = self.correct = self.new_tokens = self.prompt_tokens = 0
+        self.generated = [0.0, 0.0, 0.0, 0.0]
+        self.prompt = [0.0, 0.0, 0.0, 0.0]
 
-    def add(self, correct: bool, new_tokens: int, report: FlopsReport) -> None:
+    def add(self, correct: bool, new_tokens: int, prompt_tokens: int, generated: FlopsReport,
+            prompt: FlopsReport) -> None:
         self.n += 1
         self.correct += int(correct)
         self.new_tokens += new_tokens
-        for i, v in enumerate((report.block_flops, report.block_flops_run, report.total_flops,
-                               report.total_flops_run)):
-            self.flops[i] += v
+        self.prompt_tokens += prompt_tokens
+        for sums, report in ((self.generated, generated), (self.prompt, prompt)):
+            for i, v in enumerate((report.block_flops, report.block_flops_run, report.total_flops,
+                                   report.total_flops_run)):
+                sums[i] += v
 
     def summary(self) -> dict:
-        report = FlopsReport(*self.flops)
-        fed = report.block_flops > 0
+        generated, prompt = FlopsReport(*self.generated), FlopsReport(*self.prompt)
+        request = FlopsReport(*(a + b for a, b in zip(self.generated, self.prompt)))
+        fed = generated.block_flops > 0
         return {"n": self.n, "correct": self.correct, "accuracy": self.correct / self.n,
-                "new_tokens": self.new_tokens,
-                "generated_total_flops_skipped_pct": report.total_skipped_pct if fed else None,
-                "generated_block_flops_skipped_pct": report.block_skipped_pct if fed else None}
+                "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens,
+                "generated_total_flops_skipped_pct": generated.total_skipped_pct if fed else None,
+                "generated_block_flops_skipped_pct": generated.block_skipped_pct if fed else None,
+                "prompt_total_flops_skipped_pct": prompt.total_skipped_pct,
+                "prompt_block_flops_skipped_pct": prompt.block_skipped_pct,
+                "request_total_flops_skipped_pct": request.total_skipped_pct,
+                "request_block_flops_skipped_pct": request.block_skipped_pct}
 
 
 @torch.no_grad()
@@ -321,11 +343,15 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
 
     Returns {"settings": {setting: {"tau", "lora", "seconds", "all": summary,
     "categories": {category: summary}, "cases": [{"id", "category", "correct", "error",
-    "text", "calls", "new_tokens", "generated_total_flops_skipped_pct"}]}},
-    "max_new_tokens": {category: n}, "batch_size"}; a summary
-    is {"n", "correct", "accuracy", "new_tokens", "generated_total_flops_skipped_pct",
-    "generated_block_flops_skipped_pct"}, the FLOPs over the decode steps that fed the generated
-    tokens (generate.generated_flops; None where none did).
+    "text", "calls", "new_tokens", "prompt_tokens", "generated_total_flops_skipped_pct",
+    "prompt_total_flops_skipped_pct", "flops": {"prompt", "generated"}}]}},
+    "max_new_tokens": {category: n}, "batch_size"}; a summary is {"n", "correct", "accuracy",
+    "new_tokens", "prompt_tokens", and the % of total and of block FLOPs skipped over the
+    generated tokens ("generated_*": the decode steps that fed them, generate.generated_flops;
+    None where none did), over the prompts ("prompt_*": prefill, prompt_flops) and over whole
+    requests ("request_*": both)}. A case's "flops" holds the raw sums ({"block", "block_run",
+    "total", "total_run"}) of its prompt and of its generated tokens, so that any subset can be
+    summed exactly.
     """
     cases = list(cases)
     settings = tuple(settings)
@@ -360,14 +386,19 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
                     correct, error = case_verdict(calls, case)
                     report = generated_flops(engine, out.executed[:, b:b + 1], out.valid[b:b + 1],
                                              width, router_blocks)
+                    prompt = prompt_flops(engine, out.executed[:, b:b + 1], out.valid[b:b + 1], width)
                     for key in (category, "all"):
-                        tallies[key].add(correct, len(out.tokens[b]), report)
+                        tallies[key].add(correct, len(out.tokens[b]), len(prompts[case.id]), report, prompt)
                     fed = report.block_flops > 0
                     records[case.id] = {"id": case.id, "category": category, "correct": correct,
                                         "error": error, "text": out.text[b], "calls": calls,
                                         "new_tokens": len(out.tokens[b]),
+                                        "prompt_tokens": len(prompts[case.id]),
                                         "generated_total_flops_skipped_pct":
-                                            report.total_skipped_pct if fed else None}
+                                            report.total_skipped_pct if fed else None,
+                                        "prompt_total_flops_skipped_pct": prompt.total_skipped_pct,
+                                        "flops": {"prompt": _flops_dict(prompt),
+                                                  "generated": _flops_dict(report)}}
                 if progress:
                     t = tallies[category]
                     progress(f"bfcl {setting} {category}: {t.n}/{len(group)} cases, {t.correct} right "

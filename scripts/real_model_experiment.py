@@ -311,6 +311,111 @@ def stage_valtau(args) -> None:
               f"{summary['generated_total_flops_skipped_pct'] or 0:.2f}% total FLOPs skipped")
 
 
+# The paired held-out eval (issue 23): 600 cases stratified as the 200-case set (x3). Per
+# category: the HELDOUT cases, then the training split's cases that no run trained on (neither
+# a self-generated call, a planning step nor an adapter's recorded trajectory), after the first
+# VALIDATION of those, which are kept for choosing tau and checkpoints (they start with valtau's
+# EVAL_MIX cases).
+HELDOUT600 = {"simple_python": 150, "multiple": 90, "parallel": 90, "parallel_multiple": 90,
+              "simple_java": 60, "simple_javascript": 30, "irrelevance": 90}
+VALIDATION = {"simple_python": 40, "multiple": 20, "parallel": 20, "parallel_multiple": 20,
+              "simple_java": 10, "simple_javascript": 4, "irrelevance": 20}
+SHIPPED = Path(lr.__file__).parent / "assets" / "qwen2.5-coder-0.5b"
+
+
+def untrained_ids(work: Path) -> set[str]:
+    """Every BFCL id some run trained on or generated from: the shipped and the work dir's
+    self-call and planning caches, and the shipped adapter's training record."""
+    used = set()
+    for root in (SHIPPED, work):
+        used |= set(_load_jsonl(root / "self_calls.jsonl")) | set(_load_jsonl(root / "planning_steps.jsonl"))
+    record = SHIPPED / "data_config.json"
+    used |= set(json.loads(record.read_text(encoding="utf-8"))["trained_trajectories"])
+    return used
+
+
+def eval_splits(work: Path, data_dir: Path) -> tuple[dict, dict]:
+    """(validation, held-out) cases per category (see HELDOUT600)."""
+    used = untrained_ids(work)
+    validation, heldout = {}, {}
+    for category, n in HELDOUT600.items():
+        train_cases, held = split(category, data_dir)
+        unused = [c for c in train_cases if c.id not in used]
+        validation[category] = unused[:VALIDATION[category]]
+        heldout[category] = (held + unused[VALIDATION[category]:])[:n]
+        if len(heldout[category]) < n:
+            raise ValueError(f"heldout600: {category} has {len(heldout[category])} untrained cases, {n} wanted")
+    return validation, heldout
+
+
+def paired_summary(report: dict) -> dict:
+    """Per category and over all (and over the six tool-call categories): accuracy of each
+    setting, the FLOPs skipped (generated, prompt, whole request), and the paired comparisons
+    routed - base, lora - base and routed - lora (layerroute_rt.paired)."""
+    from layerroute_rt.flops import FlopsReport
+    from layerroute_rt.paired import compare
+    runs = report["runs"]
+    groups = {c: [c] for c in HELDOUT600}
+    groups["tool_calls"] = list(TOOL_CATEGORIES)
+    groups["all"] = list(HELDOUT600)
+    out = {}
+    for name, cats in groups.items():
+        row = {}
+        records = {}
+        for setting, by_cat in runs.items():
+            if not all(c in by_cat for c in cats):
+                continue
+            recs = [r for c in cats for r in by_cat[c]["cases"]]
+            records[setting] = {r["id"]: r for r in recs}
+            sums = {part: [sum(r["flops"][part][k] for r in recs) for k in ("block", "block_run", "total", "total_run")]
+                    for part in ("prompt", "generated")}
+            request = FlopsReport(*(a + b for a, b in zip(sums["prompt"], sums["generated"])))
+            gen, prompt = FlopsReport(*sums["generated"]), FlopsReport(*sums["prompt"])
+            row[setting] = {"n": len(recs), "correct": sum(r["correct"] for r in recs),
+                            "accuracy": sum(r["correct"] for r in recs) / len(recs),
+                            "generated_total_flops_skipped_pct": gen.total_skipped_pct,
+                            "prompt_total_flops_skipped_pct": prompt.total_skipped_pct,
+                            "request_total_flops_skipped_pct": request.total_skipped_pct,
+                            "request_block_flops_skipped_pct": request.block_skipped_pct}
+        for a, b in (("routed", "base"), ("lora", "base"), ("routed", "lora")):
+            if a in records and b in records:
+                ids = sorted(records[a])
+                row[f"{a}-{b}"] = compare([records[a][i]["correct"] for i in ids],
+                                          [records[b][i]["correct"] for i in ids])
+        out[name] = row
+    return out
+
+
+def stage_heldout(args) -> None:
+    """The paired BFCL eval on the 600 held-out cases (HELDOUT600): each --settings setting on
+    each category in turn, written after each (setting, category) to --out, which a rerun
+    resumes; then the paired summary (paired_summary) in the same file."""
+    from layerroute_rt.bfcl_eval import evaluate_bfcl
+    data_dir = real_model.fetch_bfcl()
+    _, heldout = eval_splits(args.work, data_dir)
+    adapter = args.adapter or args.work / args.run / "adapter"
+    out = args.out or args.work / args.run / "bfcl_heldout600.json"
+    ids = {c: [x.id for x in v] for c, v in heldout.items()}
+    report = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    if report.get("cases") != ids or report.get("adapter") != str(adapter) or report.get("tau") != args.tau:
+        report = {"adapter": str(adapter), "tau": args.tau, "cases": ids, "runs": {},
+                  "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
+    model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
+    report["layerroute_config"] = model.lr_config.to_dict()
+    for setting in args.settings:
+        for category, cases in heldout.items():
+            if category in report["runs"].get(setting, {}):
+                continue
+            result = evaluate_bfcl(model, cases, settings=(setting,), tau=args.tau,
+                                   progress=lambda line: print(line, flush=True))
+            report["runs"].setdefault(setting, {})[category] = result["settings"][setting]
+            report["summary"] = paired_summary(report)
+            checkpoint.atomic_write_json(out, report)
+    report["summary"] = paired_summary(report)
+    checkpoint.atomic_write_json(out, report)
+    print(json.dumps(report["summary"]["all"], indent=1))
+
+
 def stage_valueskip(args) -> None:
     """Where the routers skip: the skip rate at the positions that predict a JSON-value token of
     a call (its argument values, toolcalls.json_value_spans) against the rest, teacher-forced on the frozen base's own
@@ -370,7 +475,7 @@ def stage_stepeval(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau",
-                                      "valueskip"))
+                                      "valueskip", "heldout"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -406,11 +511,19 @@ def main(argv=None) -> int:
                    / "run_c" / "bfcl_heldout64.json",
                    help="valueskip: the frozen base's answers to teacher-force (default: its answers to "
                         "the first 64 held-out cases, in run c's eval)")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="heldout: the adapter (default: WORK/RUN/adapter)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="heldout: the report (default: WORK/RUN/bfcl_heldout600.json; resumed if present)")
+    p.add_argument("--settings", nargs="+", default=["base", "routed", "lora"],
+                   help="heldout: the settings, in the order run")
+    p.add_argument("--tau", type=float, default=None, help="heldout: routing tau (default: the adapter's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
-     "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip}[args.stage](args)
+     "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip,
+     "heldout": stage_heldout}[args.stage](args)
     return 0
 
 
