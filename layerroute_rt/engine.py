@@ -132,6 +132,10 @@ class DecodeState:
     ramp: torch.Tensor          # [B] int32: 0..B-1, the row list when every row runs
     all_rows: torch.Tensor      # [1] int32: B, the count when every row runs
     seq_rows: list | None       # sequence granularity: per block (index, count) fixed at prefill
+    active: torch.Tensor | None = None   # [B] bool: the rows that hold a sequence (None: all);
+                                         # the others (padding) run nothing and write nowhere
+    batch_q: float = 1.0        # the batch policy: a block is skipped for the whole batch when
+                                # at least this fraction of the active rows would skip it
 
 
 class InferenceModel:
@@ -306,6 +310,28 @@ class InferenceModel:
             all_rows=torch.full((1,), B, dtype=torch.int32, device=self.device),
             seq_rows=seq_rows)
 
+    def _decide(self, blk: FusedBlock, h: torch.Tensor, tau: float, state: DecodeState, i: int):
+        """The rows that run block i when some rows are padding or the batch policy applies
+        (torch ops on the device, no host read): an active row wants the block iff its router
+        says so (every active row at tau 0); if at least batch_q of the active rows do not want
+        it, no row runs it. Writes state.executed[i] and state.pred[i]; returns (index, count,
+        pred)."""
+        active = state.active
+        if tau == 0.0:
+            want = torch.ones_like(state.executed[i]) if active is None else active.clone()
+        else:
+            want = torch.sigmoid(h.float() @ blk.router_w + blk.router_b) >= tau
+            if active is not None:
+                want &= active
+        if state.batch_q < 1.0:
+            n_active = torch.full((), want.numel(), device=want.device) if active is None else active.sum()
+            skipping = n_active - want.sum()
+            want &= ~(skipping >= state.batch_q * n_active)
+        state.executed[i].copy_(want)
+        index, count = ops.compact_rows(want)
+        state.pred[i:i + 1].copy_(count > 0)
+        return index, count, state.pred[i]
+
     def branch_mode(self, host_counts: bool | None = None) -> str:
         """How a decode step skips a block body that no row runs: "host_predicate" (the
         predicate read on the host: the CPU, or host_counts), "conditional_node" (a CUDA-graph
@@ -343,17 +369,27 @@ class InferenceModel:
         kv_policy "compute" the rows that skip get their K/V from the route kernel. The body
         runs under the block's predicate (see branch_mode). host_counts (None: the engine's):
         True reads the predicates on the host also on CUDA. cache.length keeps the prefill
-        length (a captured graph cannot move a Python int); state.slot is the next slot."""
+        length (a captured graph cannot move a Python int); state.slot is the next slot.
+        With state.active (padding rows) or state.batch_q < 1 (the batch policy), the decisions
+        come from _decide instead (token granularity only)."""
         lr, st = self.lr_config, self.stages
         mode = self.branch_mode(host_counts)
         self.last_branch_mode = mode
         compute = lr.kv_policy == "compute"
         h = st.embed(state.tokens, self.embed)                                # [B, D]
         pos, slot = state.positions, state.slot
+        decide = state.active is not None or state.batch_q < 1.0
+        if decide and lr.granularity != "token":
+            raise ValueError("decode_step: padding rows and the batch policy need token granularity")
         for i, blk in enumerate(self.blocks):
             if i in skip:
                 continue
-            if tau == 0.0:                          # p >= 0 always: every row runs, no router
+            if decide:                              # padding rows, or the batch policy
+                index, count, pred = self._decide(blk, h, tau, state, i)
+                if compute:                         # the active rows that skip write their K/V
+                    keep = state.executed[i] if state.active is None else state.executed[i] | ~state.active
+                    st.route(blk, h, cache, i, pos, slot, 1, True, run=keep)
+            elif tau == 0.0:                        # p >= 0 always: every row runs, no router
                 state.executed[i].fill_(True)
                 index, count, pred = state.ramp, state.all_rows, None
             elif lr.granularity == "token":

@@ -129,10 +129,12 @@ def _check_tools(tools) -> None:
                              f"'function', 'function': {{'name', 'description', 'parameters'}}}}), got {t!r}")
 
 
-def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True, tools=None) -> list[list[int]]:
+def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True, tools=None,
+                   tok=None) -> list[list[int]]:
     """Token ids per prompt from: a string, a list of strings, a chat (a list of message dicts)
     or a list of chats, token ids [B, T] as a tensor, or a list of token-id lists. tools (a
-    list of OpenAI-style function schemas) go through the chat template with every text prompt."""
+    list of OpenAI-style function schemas) go through the chat template with every text prompt.
+    tok: the tokenizer (default the engine's; a thread may pass its own copy)."""
     if tools is not None:
         _check_tools(tools)
         if not chat_template:
@@ -157,7 +159,7 @@ def encode_prompts(prompts, engine: InferenceModel, chat_template: bool = True, 
             raise ValueError("generate: tools need text or chat prompts (they are rendered by the chat "
                              "template), got token ids")
         return [list(p) for p in prompts]
-    tok = load_tokenizer(engine)
+    tok = load_tokenizer(engine) if tok is None else tok
     out = []
     for i, p in enumerate(prompts):
         is_chat = isinstance(p, list) and all(isinstance(m, dict) for m in p) and p
@@ -233,7 +235,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k / top-p."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.double()           # float64: finite for any temperature > 0 (1e-300 too)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -241,6 +244,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p          # keep the smallest set reaching top_p
+        drop[:, 0] = False                 # and the top token always (rounding of a tiny top_p)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 

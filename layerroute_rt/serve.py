@@ -35,7 +35,7 @@ import contextlib
 import hmac
 import json
 import logging
-import queue
+import copy
 import secrets
 import threading
 import time
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -51,16 +51,21 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import InferenceModel
-from .flops import flops_report
-from .generate import (_eos_ids, decode_router_blocks, encode_prompts, generate, generated_flops,
-                       load_tokenizer)
+from .generate import _eos_ids, encode_prompts, load_tokenizer
+from .scheduler import Request as SequenceRequest
+from .scheduler import Scheduler
 from .toolcalls import parse_tool_calls
 
 log = logging.getLogger("layerroute.serve")
 
 DEFAULT_MAX_TOKENS = 1024      # when a request gives none (and the context has room)
-MAX_BATCH = 32                 # sequences per batch
-MAX_BATCH_TOKENS = 65536       # KV-cache slots per batch (sequences x their longest length)
+MAX_BATCH = 32                 # rows of the running batch
+PREFILL_CHUNK = 256            # prompt tokens prefilled per scheduler iteration
+MAX_BODY_BYTES = 1 << 20       # request bodies past this are refused (413)
+BODY_TIMEOUT_S = 10.0          # a body chunk not received within this is a 408
+KEEP_ALIVE_S = 5.0             # an idle connection is closed after this
+CHARS_PER_TOKEN_MAX = 16       # a prompt of more characters than this x the context cannot fit
+SEED_MAX = (1 << 63) - 1
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = _positive()
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
     stop: Any = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -263,8 +268,9 @@ def _tools(req: ChatCompletionRequest) -> list[dict] | None:
 
 @dataclass
 class Job:
-    """One request as the worker runs it. The worker posts ("delta", str), then ("done", dict)
-    or ("error", APIError) to `events` (an asyncio queue, through the loop)."""
+    """One request as the worker runs it (a scheduler.Request underneath). The worker posts
+    ("delta", str), then ("done", dict) or ("error", APIError) to `events` (an asyncio queue,
+    through the loop)."""
     prompt: list[int]
     max_tokens: int
     temperature: float
@@ -276,82 +282,90 @@ class Job:
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False          # set from the event loop: the client went away
-    # worker state
-    n_tokens: int = 0
+    request: SequenceRequest | None = None
     text: str = ""
     sent: int = 0
-    finish: str | None = None
+    stopped: bool = False            # a stop string was met
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request is not None and self.request.cancelled
+
+    def cancel(self) -> None:
+        """From the event loop: the client went away."""
+        if self.request is not None:
+            self.request.cancel()
 
     def post(self, kind: str, value) -> None:
         with contextlib.suppress(RuntimeError):          # the loop has closed
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def batch_key(self):
-        if self.temperature == 0.0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", id(self))
-        return ("sampled", self.temperature, self.top_p)
-
-    def feed(self, token: int, text: str) -> None:
-        """One new token and the text it completed: count it, apply the stop conditions, post
-        the text that can no longer be cut by a stop string."""
-        self.n_tokens += 1
+    def feed(self, token: int, text: str) -> bool:
+        """One new token and the text it completed (on the worker's thread): apply the stop
+        strings, post the text that no stop string can cut any more. True: a stop string ended
+        it (the content is cut before it)."""
         if token in self.eos:
-            self.finish = "stop"
+            final = True
         else:
             start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
             self.text += text
             cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if cuts:
                 self.text = self.text[:min(cuts)]
-                self.finish = "stop"
-            elif self.n_tokens >= self.max_tokens:
-                self.finish = "length"
+                self.stopped = True
+            final = self.stopped or len(self.request.tokens) >= self.max_tokens
         if self.stream and not self.parse_tools:
-            hold = 0 if self.finish else max((len(s) for s in self.stop), default=1) - 1
+            hold = 0 if final else max((len(s) for s in self.stop), default=1) - 1
             upto = len(self.text) - hold
             if upto > self.sent:
                 self.post("delta", self.text[self.sent:upto])
                 self.sent = upto
+        return self.stopped
+
+    def done(self, req: SequenceRequest) -> None:
+        """The request ended (on the worker's thread): post its result or its error."""
+        if req.error is not None:
+            e = req.error
+            self.post("error", e if isinstance(e, APIError) else
+                      APIError(500, f"generation failed: {type(e).__name__}", code="generation_failed"))
+            return
+        if req.finish == "cancelled":
+            return
+        if self.stream and not self.parse_tools and self.sent < len(self.text):
+            self.post("delta", self.text[self.sent:])
+            self.sent = len(self.text)
+        calls = [c for c in parse_tool_calls(self.text) if "name" in c] if self.parse_tools else []
+        n = len(req.tokens)
+        self.post("done", {
+            "text": self.text, "tool_calls": calls,
+            "finish_reason": "tool_calls" if calls else req.finish,
+            "usage": {"prompt_tokens": len(self.prompt), "completion_tokens": n,
+                      "total_tokens": len(self.prompt) + n,
+                      "prompt_tokens_details": {"cached_tokens": req.stats.get("cached_prompt_tokens", 0)}},
+            "layerroute": req.stats,
+        })
 
 
-def sequence_stats(engine: InferenceModel, out, b: int, router_blocks: int) -> dict:
-    """Skip statistics of sequence b of a GenerateOutput: over its prompt and generated tokens,
-    and over its generated tokens alone (None when no decode step fed one)."""
-    executed, valid = out.executed[:, b:b + 1], out.valid[b:b + 1]
-    width = valid.shape[1] - out.stats["decode_steps"]          # the left-padded prompt width
-    report = flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), valid)
-    fed = bool(valid[:, width:].any())
-    generated = generated_flops(engine, executed, valid, width, router_blocks) if fed else None
-    return {
-        "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / valid.sum().clamp(min=1)).tolist(),
-        "block_flops_skipped_pct": report.block_skipped_pct,
-        "total_flops_skipped_pct": report.total_skipped_pct,
-        "generated_block_flops_skipped_pct": generated.block_skipped_pct if fed else None,
-        "generated_total_flops_skipped_pct": generated.total_skipped_pct if fed else None,
-    }
+class Worker:
+    """The thread that owns the engine: it runs the continuous-batching scheduler
+    (layerroute_rt.scheduler.Scheduler), which admits requests and ends them at every decode
+    step."""
 
-
-class Scheduler:
-    """The worker thread that owns the engine (see the module docstring)."""
-
-    def __init__(self, engine: InferenceModel, skip_layers=None, batch_window_s: float = 0.005,
-                 max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS):
-        self.engine, self.skip_layers = engine, skip_layers
-        self.batch_window_s, self.max_batch, self.max_batch_tokens = batch_window_s, max_batch, max_batch_tokens
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+    def __init__(self, engine: InferenceModel, skip_layers=None, max_batch: int = MAX_BATCH,
+                 prefill_chunk: int = PREFILL_CHUNK, batch_q: float = 1.0):
+        self.scheduler = Scheduler(engine, skip_layers=skip_layers, max_batch=max_batch,
+                                   prefill_chunk=prefill_chunk, batch_q=batch_q)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="layerroute-engine", daemon=True)
-        self.running = 0             # sequences of the current batch still generating
-        self.batches = 0
         self.cancelled = 0           # sequences ended because their client went away
+        self.faults = 0
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._stop.set()
+        self.scheduler.notify()
         self._thread.join(timeout=30)
 
     @property
@@ -359,98 +373,39 @@ class Scheduler:
         return self._thread.is_alive()
 
     @property
-    def waiting(self) -> int:
-        return self._queue.qsize()
+    def running(self) -> int:
+        return self.scheduler.running
 
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
+    @property
+    def waiting(self) -> int:
+        return self.scheduler.waiting
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            time.sleep(self.batch_window_s)
-            jobs = [job]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    nxt = self._queue.get_nowait()
-                    if nxt is None:
-                        self._queue.put(None)            # stop after these
-                        break
-                    jobs.append(nxt)
-            for batch in self._batches([j for j in jobs if not j.cancelled]):
-                try:
-                    self._run_batch(batch)
-                except Exception as e:                   # the worker never dies of a batch
-                    log.exception("generation failed for a batch of %d", len(batch))
-                    err = APIError(400 if isinstance(e, ValueError) else 500,
-                                   f"generation failed: {type(e).__name__}: {e}")
-                    for j in batch:
-                        j.post("error", err)
-                finally:
-                    self.running = 0
+        while not self._stop.is_set():
+            try:
+                self.scheduler.run(self._stop)
+            except Exception:                  # the worker never dies: log and go on
+                self.faults += 1
+                log.exception("scheduler step failed")
 
-    def _batches(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs grouped by batch_key, in arrival order, each group split so that a batch has at
-        most max_batch sequences, its longest prompt + largest max_tokens fit the engine's
-        cache, and its cache (batch size x that length) at most max_batch_tokens slots (a job
-        alone always runs: it fits the context)."""
-        groups: dict[tuple, list[list[Job]]] = {}
-        for j in jobs:
-            batches = groups.setdefault(j.batch_key(), [])
-            for batch in batches:
-                length = max(len(o.prompt) for o in batch + [j]) + max(o.max_tokens for o in batch + [j])
-                if len(batch) < self.max_batch and length <= self.engine.max_cache_len \
-                        and (len(batch) + 1) * length <= self.max_batch_tokens:
-                    batch.append(j)
-                    break
-            else:
-                batches.append([j])
-        return [b for batches in groups.values() for b in batches]
+    def submit(self, job: Job) -> None:
+        def done(req: SequenceRequest) -> None:
+            if req.finish == "cancelled":
+                self.cancelled += 1
+            job.done(req)
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        first = jobs[0]
-        self.running = len(jobs)
-        self.batches += 1
-        with torch.no_grad():
-            stream = generate(self.engine, [j.prompt for j in jobs],
-                              max_new_tokens=max(j.max_tokens for j in jobs), temperature=first.temperature,
-                              top_p=first.top_p, seed=first.seed if first.temperature > 0 else None,
-                              skip_layers=self.skip_layers, eos_token_id=None, stream=True)
-            ended: set[int] = set()
-            for chunk in stream:
-                for b, job in enumerate(jobs):
-                    if job.finish is None and chunk.tokens[b] is not None:
-                        job.feed(chunk.tokens[b], chunk.text[b])
-                    if job.finish is None and job.cancelled:
-                        job.finish = "cancelled"
-                        self.cancelled += 1
-                    if job.finish is not None and b not in ended:
-                        stream.cancel(b)
-                        ended.add(b)
-                self.running = len(jobs) - len(ended)
-        out = stream.output
-        tau = self.engine.lr_config.tau
-        router_blocks = decode_router_blocks(self.engine, tau, self.engine.skip_set(self.skip_layers))
-        batch_stats = {"batch_size": len(jobs), "prefill_ms": out.stats["prefill_ms"],
-                       "decode_ms_per_step": out.stats["decode_ms_per_step"], "tau": tau}
-        for b, job in enumerate(jobs):
-            if job.finish == "cancelled":
-                continue
-            calls = [c for c in parse_tool_calls(job.text) if "name" in c] if job.parse_tools else []
-            job.post("done", {
-                "text": job.text, "tool_calls": calls,
-                "finish_reason": "tool_calls" if calls else job.finish,
-                "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": job.n_tokens,
-                          "total_tokens": len(job.prompt) + job.n_tokens,
-                          "prompt_tokens_details": {
-                              "cached_tokens": out.stats["cached_prompt_tokens_per_seq"][b]}},
-                "layerroute": {**sequence_stats(self.engine, out, b, router_blocks), **batch_stats},
-            })
+        job.request = SequenceRequest(prompt=job.prompt, max_new_tokens=job.max_tokens,
+                              temperature=job.temperature, top_p=job.top_p, seed=job.seed, eos=job.eos,
+                              on_token=job.feed, on_done=done)
+        self.scheduler.submit(job.request)
 
 
 # -- the app ---------------------------------------------------------------------------------------
+
+def _printable(e: Exception) -> str:
+    """An exception's message with characters JSON cannot carry (lone surrogates) escaped."""
+    return str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 def _completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
@@ -462,35 +417,53 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
 
 
 class Server:
-    """Request handling over a Scheduler: validation, tokenization, responses."""
+    """Request handling over the Worker: validation, tokenization, responses."""
 
-    def __init__(self, engine: InferenceModel, model_name: str, scheduler: Scheduler,
-                 default_max_tokens: int):
-        self.engine, self.model_name, self.scheduler = engine, model_name, scheduler
+    def __init__(self, engine: InferenceModel, model_name: str, worker: Worker, default_max_tokens: int):
+        self.engine, self.model_name, self.worker = engine, model_name, worker
         self.default_max_tokens = default_max_tokens
         self.tok = load_tokenizer(engine)
         if self.tok is None:
             raise ValueError("serve: the model has no tokenizer (tokenizer.json); chat needs one")
         self.eos = frozenset(_eos_ids(engine, "auto") | ({self.tok.eos_token_id} - {None}))
-        self._encode_lock = threading.Lock()
+        self._local = threading.local()
         self.created = int(time.time())
 
     def _encode(self, messages, tools) -> list[int]:
-        with self._encode_lock:
-            return encode_prompts([messages], self.engine, tools=tools)[0]
+        """On a thread-pool thread, with that thread's own copy of the tokenizer (no lock)."""
+        tok = getattr(self._local, "tok", None)
+        if tok is None:
+            tok = self._local.tok = copy.deepcopy(self.tok)
+        return encode_prompts([messages], self.engine, tools=tools, tok=tok)[0]
 
     async def job(self, req: ChatCompletionRequest) -> Job:
-        """The request checked and tokenized, as a Job (APIError 400 on bad input)."""
+        """The request checked and tokenized, as a Job (APIError 400 on bad input, 404 for
+        another model)."""
         if req.model != self.model_name:
-            raise APIError(400, f"model: {req.model!r} is not served here; the model is {self.model_name!r}",
+            raise APIError(404, f"model: {req.model!r} is not served here; the model is {self.model_name!r}",
                            param="model", code="model_not_found")
         tools = _tools(req)
         messages = _template_messages(req)
+        for i, m in enumerate(messages):
+            try:
+                json.dumps(m, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"messages[{i}]: not valid Unicode text ({_printable(e)})",
+                               param=f"messages[{i}]", code="invalid_value") from e
+        try:
+            json.dumps(tools, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"tools: not valid Unicode text ({_printable(e)})", param="tools",
+                           code="invalid_value") from e
+        limit = self.engine.max_cache_len
+        chars = sum(len(m["content"] or "") for m in messages) + len(json.dumps(tools or []))
+        if chars > CHARS_PER_TOKEN_MAX * limit:       # refused before tokenizing it
+            raise APIError(400, f"messages: {chars} characters cannot fit this model's context of {limit} "
+                                f"tokens", param="messages", code="context_length_exceeded")
         try:
             prompt = await run_in_threadpool(self._encode, messages, tools)
-        except ValueError as e:
-            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from e
-        limit = self.engine.max_cache_len
+        except (ValueError, UnicodeError) as e:
+            raise APIError(400, f"messages: {_printable(e)}", param="messages", code="invalid_value") from e
         if len(prompt) >= limit:
             raise APIError(400, f"messages: the prompt has {len(prompt)} tokens; this model's context "
                                 f"holds {limit} (prompt + completion)", param="messages",
@@ -521,7 +494,7 @@ class Server:
                 await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
-                    job.cancelled = True
+                    job.cancel()
                     return JSONResponse({}, status_code=499)   # nobody reads it
                 kind, value = getter.result()
                 if kind == "error":
@@ -572,7 +545,7 @@ class Server:
                 break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True           # harmless once done; ends the sequence otherwise
+            job.cancel()                   # harmless once done; ends the sequence otherwise
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -580,25 +553,101 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+class _Guard:
+    """ASGI middleware in front of the app, before any body is read: the API key of /v1/*
+    (401 with WWW-Authenticate), the body limit (413: at once from Content-Length, or when the
+    bytes received pass it) and the body-read timeout (408: no body chunk for body_timeout_s)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
+        self.app, self.api_key = app, api_key
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+
+    async def _reply(self, send, error: APIError, headers=()) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return await self._reply(send, APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                                        code="invalid_api_key", type_="authentication_error"),
+                                         [(b"www-authenticate", b'Bearer realm="layerroute"')])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await self._reply(send, APIError(400, "Content-Length: not a number", code="invalid_request"))
+            if int(length) > self.max_body_bytes:
+                return await self._reply(send, APIError(
+                    413, f"the request body has {int(length)} bytes; this server takes at most "
+                         f"{self.max_body_bytes} (--max-body-bytes)", code="request_too_large"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, error = await self._read_body(receive)
+        if error is not None:
+            return await self._reply(send, error)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()         # after the body: the disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> tuple[bytes, APIError | None]:
+        """The whole body, within the limit and the per-chunk timeout, or the error to answer."""
+        parts, received = [], 0
+        limit, timeout = self.max_body_bytes, self.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                return b"", APIError(408, f"the request body was not received within {timeout:g} s",
+                                     code="request_timeout")
+            if message["type"] != "http.request":          # the client went away
+                return b"", APIError(400, "the client closed the connection", code="invalid_request")
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                return b"", APIError(413, f"the request body passed {limit} bytes; this server takes at "
+                                          f"most {limit} (--max-body-bytes)", code="request_too_large")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts), None
+
+
 def create_app(engine: InferenceModel, model_name: str, api_key: str | None = None,
                skip_layers=None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               batch_window_s: float = 0.005, max_batch: int = MAX_BATCH,
-               max_batch_tokens: int = MAX_BATCH_TOKENS) -> FastAPI:
+               max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK, batch_q: float = 1.0,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
+               openapi: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. Its worker thread starts and stops with
-    the app's lifespan (uvicorn runs it). `app.state.scheduler` is the worker. A request without
-    max_tokens gets at most default_max_tokens (and what its context leaves)."""
-    scheduler = Scheduler(engine, skip_layers=skip_layers, batch_window_s=batch_window_s,
-                          max_batch=max_batch, max_batch_tokens=max_batch_tokens)
-    server = Server(engine, model_name, scheduler, default_max_tokens)
+    the app's lifespan (uvicorn runs it); `app.state.worker` is the worker. A request without
+    max_tokens gets at most default_max_tokens (and what its context leaves). openapi: serve
+    /openapi.json (no /docs page: it would load its scripts from a CDN)."""
+    worker = Worker(engine, skip_layers=skip_layers, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                    batch_q=batch_q)
+    server = Server(engine, model_name, worker, default_max_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        worker.start()
         yield
-        scheduler.stop()
+        worker.stop()
 
-    app = FastAPI(title="layerroute_rt", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app = FastAPI(title="layerroute_rt", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if openapi else None)
+    app.state.worker = worker
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -616,43 +665,35 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
     @app.exception_handler(Exception)
     async def _fault(request, exc: Exception):
         log.exception("request failed")
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
-
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+        return APIError(500, f"internal error ({type(exc).__name__})").response()
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if scheduler.alive else "error", "model": model_name,
-                "running": scheduler.running, "waiting": scheduler.waiting,
-                "batches": scheduler.batches, "cancelled": scheduler.cancelled}
-        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
+        body = {"status": "ok" if worker.alive else "error", "model": model_name,
+                "running": worker.running, "waiting": worker.waiting, "cancelled": worker.cancelled,
+                "scheduler": worker.scheduler.stats()}
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "layerroute_rt",
                 "max_model_len": engine.max_cache_len}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
             raise APIError(404, f"model: {model_id!r} is not served here", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         job = await server.job(req)
-        if not scheduler.alive:
+        if not worker.alive:
             raise APIError(503, "the engine worker is not running", code="unavailable")
-        scheduler.submit(job)
+        worker.submit(job)
         if req.stream:
             return StreamingResponse(server.stream(job, req), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -662,21 +703,24 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
 
 
 def serve(engine: InferenceModel, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, skip_layers=None, log_level: str = "info") -> None:
-    """Run the app under uvicorn until interrupted."""
+          log_level: str = "info", keep_alive_s: float = KEEP_ALIVE_S, **options) -> None:
+    """Run the app (create_app's options) under uvicorn until interrupted; an idle connection
+    is closed after keep_alive_s."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key=api_key, skip_layers=skip_layers)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(engine, model_name, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_s)
 
 
 @contextlib.contextmanager
-def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+            keep_alive_s: float = KEEP_ALIVE_S):
     """Run `app` under uvicorn in a background thread (port 0: a free one); yields its base URL
     (http://host:port) once it listens, and shuts it down on exit."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_keep_alive=keep_alive_s))
     thread = threading.Thread(target=server.run, name="layerroute-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -387,8 +387,8 @@ def paired_summary(report: dict) -> dict:
 
 
 def stage_heldout(args) -> None:
-    """The paired BFCL eval on the 600 held-out cases (HELDOUT600): each --settings setting on
-    each category in turn, written after each (setting, category) to --out, which a rerun
+    """The paired BFCL eval on the 600 held-out cases (HELDOUT600): category by category, each
+    --settings setting in turn, written after each (category, setting) to --out, which a rerun
     resumes; then the paired summary (paired_summary) in the same file."""
     from layerroute_rt.bfcl_eval import evaluate_bfcl
     data_dir = real_model.fetch_bfcl()
@@ -402,8 +402,8 @@ def stage_heldout(args) -> None:
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
-    for setting in args.settings:
-        for category, cases in heldout.items():
+    for category, cases in heldout.items():          # category by category: paired as it goes
+        for setting in args.settings:
             if category in report["runs"].get(setting, {}):
                 continue
             result = evaluate_bfcl(model, cases, settings=(setting,), tau=args.tau,

@@ -1,0 +1,216 @@
+"""The continuous-batching scheduler (layerroute_rt/scheduler.py) and the decode step's padding
+rows and batch policy (engine.DecodeState.active, batch_q), on the bundled demo model: requests
+that join a running batch at different steps get generate()'s greedy tokens, one at a time;
+short ones leave first; long prompts prefill in chunks; a seeded request's tokens do not depend
+on its companions; a per-row logits processor; cancel; padding rows run nothing and write
+nowhere; the policy at q = 1 is today's step, at q < 1 it skips a block for the whole batch
+exactly when the routers' votes say so."""
+import dataclasses
+
+import pytest
+import torch
+
+import layerroute_rt as lr
+from layerroute_rt.cli import DEMO_DIR
+from layerroute_rt.generate import encode_prompts
+from layerroute_rt.scheduler import Request, Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return lr.InferenceModel(lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter"), prefix_cache=False)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    chats = [[{"role": "user", "content": f"Find flights from Paris to Rome on {d} May."}] for d in range(1, 7)]
+    return [encode_prompts([c], engine)[0] for c in chats]
+
+
+def alone(engine, prompt, n, **kw):
+    return lr.generate(engine, [prompt], max_new_tokens=n, eos_token_id=None, **kw).tokens[0]
+
+
+def drain(sched, reqs, join_at=None):
+    """Step until done; reqs[k:] are submitted at iteration join_at[1] when join_at = (k, it).
+    Returns the order in which requests finished."""
+    k, at = join_at or (len(reqs), 0)
+    for r in reqs[:k]:
+        sched.submit(r)
+    order, it = [], 0
+    while sched.has_work() or it <= at:
+        sched.step()
+        it += 1
+        if it == at:
+            for r in reqs[k:]:
+                sched.submit(r)
+        order += [i for i, r in enumerate(reqs) if r.finish and i not in order]
+    return order
+
+
+def test_joining_requests_get_generates_tokens_and_short_ones_leave_first(engine, prompts):
+    lens = [40, 5, 17, 2, 33, 9]
+    expected = [alone(engine, p, n) for p, n in zip(prompts, lens)]
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=16)
+    reqs = [Request(prompt=p, max_new_tokens=n) for p, n in zip(prompts, lens)]
+    order = drain(sched, reqs, join_at=(3, 3))
+    assert [r.tokens for r in reqs] == [list(t) for t in expected]
+    assert all(r.finish == "length" for r in reqs)
+    assert order.index(1) < order.index(0) and order.index(3) < order.index(4)   # short ones first
+    stats = sched.stats()
+    assert stats["finished"] == 6 and stats["running"] == 0 and stats["waiting"] == 0
+    assert 1 < stats["mean_batch_rows"] <= 4
+    assert 0 <= stats["blocks_no_row_ran_pct"] <= 100
+    for r in reqs:                    # a row's stats: its own tokens, and the batches it ran in
+        assert r.stats["decode_steps"] == len(r.tokens) - 1
+        assert len(r.stats["skip_rate_per_layer"]) == engine.config.num_hidden_layers
+
+
+def test_blocks_no_row_ran_counts_the_active_rows_only(engine, prompts):
+    """One request alone at a bucket of 1, then with companions: a block no row ran at batch 1
+    is one its router skipped, so the fraction equals the skip rate of its decode steps."""
+    sched = Scheduler(engine, max_batch=4)
+    req = Request(prompt=prompts[0], max_new_tokens=12)
+    drain(sched, [req])
+    st = req.stats
+    assert st["mean_batch_rows"] == 1
+    blocks = engine.config.num_hidden_layers
+    decode_exec = torch.tensor(st["skip_rate_per_layer"])      # over prompt + fed: recompute below
+    out = lr.generate(engine, [prompts[0]], max_new_tokens=12, eos_token_id=None)
+    T = len(prompts[0])
+    skipped = (~out.executed[:, 0, T:T + 11]).sum().item()
+    assert st["batch_blocks_no_row_ran_pct"] == pytest.approx(100.0 * skipped / (11 * blocks))
+    assert decode_exec.shape == (blocks,)
+
+
+def test_a_long_prompt_prefills_in_chunks(engine, prompts):
+    long = prompts[0] + prompts[1][1:] + prompts[2][1:]
+    expected = alone(engine, long, 6)
+    for chunk in (7, 1000):
+        sched = Scheduler(engine, prefill_chunk=chunk)
+        req = Request(prompt=long, max_new_tokens=6)
+        drain(sched, [req])
+        assert req.tokens == list(expected)
+        assert sched.stats()["prefill_tokens"] == len(long)
+
+
+def test_a_seeded_request_does_not_depend_on_its_companions(engine, prompts):
+    def run(companions):
+        sched = Scheduler(engine, max_batch=4)
+        req = Request(prompt=prompts[0], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+        others = [Request(prompt=p, max_new_tokens=10, temperature=1.0) for p in prompts[1:1 + companions]]
+        drain(sched, [req] + others)
+        return req.tokens
+
+    assert run(0) == run(3)
+
+
+def test_logits_processor_masks_its_row_only(engine, prompts):
+    free = alone(engine, prompts[1], 4)
+    banned = free[0]
+
+    def ban(tokens, logits):
+        logits[banned] = float("-inf")
+        return logits
+
+    sched = Scheduler(engine)
+    masked = Request(prompt=prompts[0], max_new_tokens=4, logits_processor=ban)
+    plain = Request(prompt=prompts[1], max_new_tokens=4)
+    drain(sched, [masked, plain])
+    assert banned not in masked.tokens and plain.tokens == list(free)
+
+
+def test_cancel_and_eos_end_a_sequence(engine, prompts):
+    first = alone(engine, prompts[0], 3)
+    sched = Scheduler(engine)
+    seen = []
+    stop = Request(prompt=prompts[0], max_new_tokens=50, eos=frozenset({first[2]}))
+    gone = Request(prompt=prompts[1], max_new_tokens=500, on_token=lambda t, s: seen.append(t) and False)
+    sched.submit(stop)
+    sched.submit(gone)
+    for _ in range(6):
+        sched.step()
+    gone.cancel()
+    while sched.has_work():
+        sched.step()
+    assert (stop.finish, stop.tokens) == ("stop", list(first))
+    assert gone.finish == "cancelled" and len(gone.tokens) < 20 and seen == gone.tokens
+
+
+def test_sequence_granularity_is_refused():
+    model = lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter")
+    model.lr_config = dataclasses.replace(model.lr_config, granularity="sequence")
+    with pytest.raises(ValueError, match="token granularity"):
+        Scheduler(lr.InferenceModel(model))
+
+
+# -- the decode step: padding rows and the batch policy ---------------------------------------------
+
+def prefilled(engine, prompts, batch, tau):
+    ids = torch.zeros(batch, max(len(p) for p in prompts), dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, ids.shape[1] - len(p):] = torch.tensor(p)
+        mask[b, ids.shape[1] - len(p):] = True
+    cache = engine.new_cache(batch, 256)
+    logits, _ = engine.prefill(ids, mask, cache, tau)
+    state = engine.decode_state(cache)
+    state.tokens.copy_(logits.argmax(-1))
+    return cache, state
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.0])
+def test_padding_rows_run_nothing_and_write_nowhere(engine, prompts, tau):
+    cache, state = prefilled(engine, prompts[:3] + [prompts[3]], 4, tau)
+    ref_cache, ref_state = prefilled(engine, prompts[:3], 3, tau)
+    state.active = torch.tensor([True, True, True, False])
+    k_pad, valid_pad = cache.k[:, 3].clone(), cache.valid[:, 3].clone()
+    for _ in range(3):
+        engine.decode_step(state, cache, tau)
+        engine.decode_step(ref_state, ref_cache, tau)
+        assert not state.executed[:, 3].any()
+        assert torch.equal(state.executed[:, :3], ref_state.executed)
+        assert torch.allclose(state.logits[:3], ref_state.logits, atol=1e-4, rtol=1e-4)
+        state.tokens[:3] = state.logits[:3].argmax(-1)
+        ref_state.tokens.copy_(ref_state.logits.argmax(-1))
+    assert torch.equal(cache.k[:, 3], k_pad) and torch.equal(cache.valid[:, 3], valid_pad)
+
+
+def test_batch_policy_q1_is_todays_step_and_q_below_1_follows_the_votes(engine, prompts):
+    tau, B = 0.5, 6
+    texts = ["Find flights from Paris to Rome on 3 May.", "Plan a two-day trip to Oslo.",
+             "What is the weather in Lima?", "Book a table for four at 8 pm.",
+             "Convert 250 euros to yen.", "Send an email to Ana about the meeting."]
+    prompts = [encode_prompts([[{"role": "user", "content": t}]], engine)[0] for t in texts]
+    cache, state = prefilled(engine, prompts, B, tau)
+    plain_cache, plain_state = prefilled(engine, prompts, B, tau)
+    state.batch_q = 1.0
+    engine.decode_step(state, cache, tau)
+    engine.decode_step(plain_state, plain_cache, tau)
+    assert torch.equal(state.executed, plain_state.executed)
+    assert torch.allclose(state.logits, plain_state.logits, atol=1e-5, rtol=1e-5)
+
+    # q < 1: replay the same step with a hook that records each block's router votes
+    runs = {}
+    for q in (1.0, 0.75, 0.5):
+        cache, state = prefilled(engine, prompts, B, tau)
+        state.batch_q = q
+        votes = []
+        original = engine._decide
+
+        def spy(blk, h, tau_, st, i):
+            votes.append((i, (torch.sigmoid(h.float() @ blk.router_w + blk.router_b) >= tau_).clone()))
+            return original(blk, h, tau_, st, i)
+
+        engine._decide = spy
+        try:
+            engine.decode_step(state, cache, tau)
+        finally:
+            del engine._decide
+        for i, want in votes:
+            skipping = B - int(want.sum())
+            expected = torch.zeros_like(want) if skipping >= q * B else want
+            assert torch.equal(state.executed[i], expected), (q, i)
+        runs[q] = int(state.pred.sum())                 # blocks some row ran
+    assert runs[0.5] <= runs[0.75] <= runs[1.0]
+    assert runs[0.5] < runs[1.0]                        # the policy skipped something on this batch
