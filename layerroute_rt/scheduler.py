@@ -171,6 +171,7 @@ class Scheduler:
                 "blocks_no_row_ran_pct": 100.0 * c["none_ran"] / c["block_steps"] if c["block_steps"] else None,
                 "generated_total_flops_skipped_pct": report.total_skipped_pct if report.total_flops else None,
                 "generated_block_flops_skipped_pct": report.block_skipped_pct if report.block_flops else None,
+                "generated_flops": dict(zip(("block", "block_run", "total", "total_run"), self._flops)),
                 "batch_q": self.batch_q, "tau": self.tau, "capacity": len(self.rows),
                 "running": self.running, "waiting": self.waiting}
 
@@ -325,11 +326,17 @@ class Scheduler:
             live = [s for s in self.rows if s is not None]
             self._relayout(len(self.rows), self.cache.max_len, max(s.length for s in live))
         st = self.state
-        self.engine.decode_step(st, self.cache, self.tau, self.skip)
+        active = st.active
+        if self.running == len(self.rows):      # no padding row: the plain step (route kernel)
+            st.active = None
+        try:
+            self.engine.decode_step(st, self.cache, self.tau, self.skip)
+        finally:
+            st.active = active
         self.S += 1
         live = [s for s in self.rows if s is not None]
         executed = st.executed.cpu()
-        active = st.active.cpu()
+        active = active.cpu()
         blocks = [i for i in range(executed.shape[0]) if i not in self.skip]
         none_ran = int((~(executed[blocks] & active[None]).any(1)).sum())
         c = self._counters
@@ -350,7 +357,7 @@ class Scheduler:
         if going:
             rows, toks = zip(*going)
             st.tokens[list(rows)] = torch.tensor(toks, device=st.tokens.device)
-        if live and self.running <= len(self.rows) // 4 and self.running:
+        if self.running and self.running <= len(self.rows) // 4:      # a bucket a quarter the size holds them
             self._relayout(next(b for b in BATCH_BUCKETS if b >= self.running), self.cache.max_len,
                            max(s.length for s in self.rows if s is not None))
 
