@@ -329,7 +329,7 @@ class _Tally:
 @torch.no_grad()
 def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence[str] = SETTINGS,
                   max_new_tokens: int | None = None, batch_size: int = 8, tau: float | None = None,
-                  progress=None) -> dict:
+                  progress=None, batch_q: float = 1.0) -> dict:
     """BFCL accuracy and the FLOPs skipped on the generated tokens, per setting and category.
 
     model_or_engine: a LayerRouteModel (loaded from a checkpoint, so that its tokenizer and chat
@@ -339,6 +339,7 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
     "lora" (LoRA on, tau 0) and "routed" (LoRA on, routing at `tau`, default the adapter's).
     max_new_tokens: None takes MAX_NEW_TOKENS by category. Greedy; each sequence ends at EOS.
     Cases are batched by category, longest prompt first (left-padded ragged batches).
+    batch_q: the routed setting's batch policy (generate's batch_q; 1: exact per-token skipping).
     progress: called with a line of text after each batch.
 
     Returns {"settings": {setting: {"tau", "lora", "seconds", "all": summary,
@@ -372,6 +373,7 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
         run_tau = 0.0 if setting != "routed" else engine.lr_config.tau if tau is None else float(tau)
         router_blocks = decode_router_blocks(engine, run_tau, frozenset())
         tallies: dict[str, _Tally] = defaultdict(_Tally)
+        none_ran = [0.0, 0]                  # % no row ran x decode steps, decode steps
         records = {}
         start = time.perf_counter()
         for category, group in by_category.items():
@@ -379,8 +381,11 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
             for i in range(0, len(group), batch_size):
                 batch = group[i:i + batch_size]
                 out = generate(engine, [prompts[c.id] for c in batch], max_new_tokens=budget[category],
-                               temperature=0.0, tau=run_tau)
+                               temperature=0.0, tau=run_tau, batch_q=batch_q if setting == "routed" else 1.0)
                 width = out.valid.shape[1] - out.stats["decode_steps"]
+                if out.stats["decode_blocks_no_row_ran_pct"] is not None:
+                    none_ran[0] += out.stats["decode_blocks_no_row_ran_pct"] * out.stats["decode_steps"]
+                    none_ran[1] += out.stats["decode_steps"]
                 for b, case in enumerate(batch):
                     calls = parse_tool_calls(out.text[b])
                     correct, error = case_verdict(calls, case)
@@ -405,6 +410,8 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
                              f"({time.perf_counter() - start:.0f} s)")
         result["settings"][setting] = {
             "tau": run_tau, "lora": setting != "base", "seconds": time.perf_counter() - start,
+            "batch_q": batch_q if setting == "routed" else 1.0,
+            "decode_blocks_no_row_ran_pct": none_ran[0] / none_ran[1] if none_ran[1] else None,
             "all": tallies["all"].summary(),
             "categories": {c: tallies[c].summary() for c in by_category},
             "cases": [records[c.id] for c in cases]}

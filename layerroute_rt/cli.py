@@ -332,7 +332,7 @@ def bfcl_eval_cmd(args: argparse.Namespace) -> int:
     _apply_runtime_flags(model, args)
     print(f"eval --bfcl: {len(cases)} cases from {data_dir}; settings {', '.join(args.settings)}")
     result = evaluate_bfcl(model, cases, settings=args.settings, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.eval_batch_size, progress=print)
+                           batch_size=args.eval_batch_size, progress=print, batch_q=args.batch_q)
     report = {"model": str(args.model), "adapter": args.adapter, "bfcl_dir": str(data_dir),
               "heldout_seed": args.heldout_seed, "bfcl": args.bfcl,
               "layerroute_config": model.lr_config.to_dict(), **result}
@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", help="the adapter to evaluate")
     p.add_argument("--seeds", type=int, nargs="+", help="train and evaluate one adapter per seed")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--batch-q", type=float, default=1.0,
+                   help="--bfcl, routed setting: skip a block for the whole batch when at least this "
+                        "fraction of its rows would skip it (default 1: exact per-token skipping)")
     p.add_argument("--bfcl", action="append", metavar="CATEGORY[:N]",
                    help="a BFCL category (repeatable); :N takes its first N held-out cases")
     p.add_argument("--bfcl-dir", help="BFCL's data directory (default: real_model.fetch_bfcl()'s cache)")

@@ -268,8 +268,8 @@ class _Runner:
     generation at a time (`busy`)."""
 
     def __init__(self, engine: InferenceModel, batch: int, cache_len: int, tau: float,
-                 skip: frozenset[int], use_graph: bool):
-        self.engine, self.tau, self.skip = engine, tau, skip
+                 skip: frozenset[int], use_graph: bool, batch_q: float = 1.0):
+        self.engine, self.tau, self.skip, self.batch_q = engine, tau, skip, batch_q
         self.cache = engine.new_cache(batch, cache_len)
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -282,6 +282,7 @@ class _Runner:
         """After prefill: point the decode state at the cache (the same buffers when a graph
         was captured on them) and capture the step if it is not yet."""
         fresh = self.engine.decode_state(self.cache)
+        fresh.batch_q = self.batch_q
         if self.state is None:
             self.state = fresh
         else:
@@ -354,22 +355,23 @@ def cache_bucket(need: int, limit: int) -> int:
     return min(size, limit)
 
 
-def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int]) -> _Runner:
+def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int],
+            batch_q: float = 1.0) -> _Runner:
     """The engine's runner for this key, most recently used last; a private one while it is busy
     (another stream of the same shape is still open)."""
     use_graph = engine.use_cuda_graphs and not engine.host_counts and graphs_possible(engine.device)
-    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy, batch_q)
     runners = engine.__dict__.setdefault("_runners", {})
     runner = runners.pop(key, None)
     if runner is not None and runner.busy:
         runners[key] = runner
-        return _Runner(engine, batch, cache_len, tau, skip, use_graph)
+        return _Runner(engine, batch, cache_len, tau, skip, use_graph, batch_q)
     if runner is None:
         idle = [k for k, r in runners.items() if not r.busy]             # least recently used first
         while idle and (len(runners) >= MAX_RUNNERS or
                         sum(k[0] * k[1] for k in runners) + batch * cache_len > RUNNER_SLOTS):
             runners.pop(idle.pop(0))
-        runner = _Runner(engine, batch, cache_len, tau, skip, use_graph)
+        runner = _Runner(engine, batch, cache_len, tau, skip, use_graph, batch_q)
     runners[key] = runner
     return runner
 
@@ -444,7 +446,7 @@ def _plan_reuse(engine: InferenceModel, prompts: list[list[int]], key: tuple, ma
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
              stream: bool = False, seed: int | None = None, eos_token_id="auto",
-             chat_template: bool = True, sync_every: int = 8, tools=None):
+             chat_template: bool = True, sync_every: int = 8, tools=None, batch_q: float = 1.0):
     """Generate up to `max_new_tokens` per sequence with true skipping.
 
     model: an InferenceModel, or a LayerRouteModel, whose engine is built on the first call and
@@ -461,7 +463,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     its own at an EOS token (eos_token_id: "auto" reads the checkpoint's generation config;
     None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
-    every token. stream=True returns a GenerationStream (see its docstring).
+    every token. stream=True returns a GenerationStream (see its docstring). batch_q < 1 is
+    the batch policy (DESIGN.md section 6): in a decode step a block is skipped for every row
+    when at least that fraction of the rows would skip it (1: a block runs if any row wants it).
 
     Returns a GenerateOutput, with tool_calls parsed from each text (toolcalls.parse_tool_calls)
     and finish_reasons; its stats: prefill_ms, decode_ms_per_step (one token for each
@@ -478,13 +482,17 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     skipped_block_mode: how the decode step skipped a block body that no row ran
     ("conditional_node": a CUDA-graph IF node; "early_exit": its kernels ran and exited at
     count 0, where IF nodes are not available or without a graph; "host_predicate": the
-    predicate read on the host, on the CPU; None without a decode step).
+    predicate read on the host, on the CPU; None without a decode step),
+    decode_blocks_no_row_ran_pct: over the decode steps, the % of (step, block) pairs that no
+    row still generating ran (the blocks whose weights a batched step need not read; None
+    without a decode step).
     """
     engine = model if isinstance(model, InferenceModel) else engine_for(_check_model(model))
     stop = [stop] if isinstance(stop, str) else stop
     _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, seed, stream)
     tau = engine.lr_config.tau if tau is None else check_tau(tau)
     skip = engine.skip_set(skip_layers)
+    batch_q = check_batch_q(batch_q, engine)
     prompts = encode_prompts(prompts, engine, chat_template, tools)
     _check_prompts(prompts, engine.config.vocab_size)
     T = max(len(p) for p in prompts)
@@ -497,12 +505,12 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     tok = load_tokenizer(engine)
     if stop and tok is None:
         raise ValueError(f"generate: stop strings need the checkpoint's tokenizer: {_no_tokenizer(engine)}")
-    key = (tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    key = prefix_key(engine, tau, skip, batch_q)
     reuse = _plan_reuse(engine, prompts, key, max_new_tokens)
     need = reuse.width + max(len(p) for p in reuse.new) + max_new_tokens
     cache_len = cache_bucket(need, engine.max_cache_len)
     cancelled: set[int] = set()
-    steps = _generate_steps(engine, (len(prompts), cache_len, tau, skip), prompts, reuse, key,
+    steps = _generate_steps(engine, (len(prompts), cache_len, tau, skip, batch_q), prompts, reuse, key,
                             max_new_tokens, temperature, top_k, top_p, seed, eos, stop, tok,
                             1 if stream else sync_every, cancelled)
     if stream:
@@ -512,6 +520,23 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
             next(steps)
     except StopIteration as done:
         return done.value
+
+
+def check_batch_q(batch_q, engine: InferenceModel) -> float:
+    """The batch policy checked: q in (0, 1]; q < 1 needs token granularity."""
+    if isinstance(batch_q, bool) or not isinstance(batch_q, (int, float)) or not 0.0 < batch_q <= 1.0:
+        raise ValueError(f"batch_q must be in (0, 1], got {batch_q!r}")
+    if batch_q < 1.0 and engine.lr_config.granularity != "token":
+        raise ValueError(f"batch_q < 1 needs token granularity; the adapter has {engine.lr_config.granularity!r}")
+    return float(batch_q)
+
+
+def prefix_key(engine: InferenceModel, tau: float, skip: frozenset[int], batch_q: float = 1.0) -> tuple:
+    """What decides how a token's K/V came out, the prefix cache's key: tau, the skip set, the
+    granularity, the kv policy, and the batch policy when it is not exact (q < 1: a row's
+    decisions then depend on its batch)."""
+    key = (tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    return key if batch_q == 1.0 else key + (batch_q,)
 
 
 def _check_model(model):
@@ -694,7 +719,11 @@ def _output(engine, prompts, reuse: _Reuse, tokens, tok, exec_new, exec_hist, pr
     fed = torch.zeros(B, steps, dtype=torch.bool)
     for b, row in enumerate(tokens):
         fed[b, :max(len(row) - 1, 0)] = True
-    executed = torch.cat([exec_prompt, exec_hist.permute(1, 2, 0).cpu()], dim=2)
+    hist = exec_hist.cpu()                                   # [steps, L, B]
+    ran = (hist & fed.t()[:, None, :]).any(2)                # [steps, L]: some row that went on ran it
+    live_steps = fed.any(0)
+    none_ran = (~ran[live_steps]).float().mean().item() * 100.0 if bool(live_steps.any()) else None
+    executed = torch.cat([exec_prompt, hist.permute(1, 2, 0)], dim=2)
     valid = torch.cat([mask, fed], dim=1)
     executed &= valid[None]
     cfg, lr = engine.config, engine.lr_config
@@ -715,6 +744,7 @@ def _output(engine, prompts, reuse: _Reuse, tokens, tok, exec_new, exec_hist, pr
         "total_flops_skipped_pct": report.total_skipped_pct,
         "generated_block_flops_skipped_pct": generated.block_skipped_pct if steps else None,
         "generated_total_flops_skipped_pct": generated.total_skipped_pct if steps else None,
+        "decode_blocks_no_row_ran_pct": none_ran,
         "cuda_graph": graph,
         "skipped_block_mode": branch_mode,
     }

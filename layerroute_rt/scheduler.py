@@ -39,7 +39,7 @@ from .config import check_tau
 from .engine import InferenceModel
 from .flops import FlopsReport, flops_report
 from .generate import MIN_BUCKET, _TextDeltas, cache_bucket, decode_router_blocks, generated_flops, \
-    load_tokenizer, sample
+    load_tokenizer, prefix_key, sample
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -118,7 +118,7 @@ class Scheduler:
         self.tau = engine.lr_config.tau if tau is None else check_tau(tau)
         self.skip = engine.skip_set(skip_layers)
         self.max_batch, self.prefill_chunk, self.batch_q = max_batch, prefill_chunk, float(batch_q)
-        self.key = (self.tau, self.skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+        self.key = prefix_key(engine, self.tau, self.skip, self.batch_q)
         self.tok = load_tokenizer(engine)
         self.router_blocks = decode_router_blocks(engine, self.tau, self.skip)
         self._lock = threading.Lock()

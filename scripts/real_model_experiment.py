@@ -397,8 +397,11 @@ def stage_heldout(args) -> None:
     out = args.out or args.work / args.run / "bfcl_heldout600.json"
     ids = {c: [x.id for x in v] for c, v in heldout.items()}
     report = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    if report.get("cases") != ids or report.get("adapter") != str(adapter) or report.get("tau") != args.tau:
-        report = {"adapter": str(adapter), "tau": args.tau, "cases": ids, "runs": {},
+    same = (ids, str(adapter), args.tau, args.batch_q, args.batch)
+    if (report.get("cases"), report.get("adapter"), report.get("tau"), report.get("batch_q", 1.0),
+            report.get("batch_size", 8)) != same:
+        report = {"adapter": str(adapter), "tau": args.tau, "batch_q": args.batch_q, "batch_size": args.batch,
+                  "cases": ids, "runs": {},
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
@@ -406,8 +409,8 @@ def stage_heldout(args) -> None:
         for setting in args.settings:
             if category in report["runs"].get(setting, {}):
                 continue
-            result = evaluate_bfcl(model, cases, settings=(setting,), tau=args.tau,
-                                   progress=lambda line: print(line, flush=True))
+            result = evaluate_bfcl(model, cases, settings=(setting,), tau=args.tau, batch_q=args.batch_q,
+                                   batch_size=args.batch, progress=lambda line: print(line, flush=True))
             report["runs"].setdefault(setting, {})[category] = result["settings"][setting]
             report["summary"] = paired_summary(report)
             checkpoint.atomic_write_json(out, report)
@@ -518,6 +521,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=["base", "routed", "lora"],
                    help="heldout: the settings, in the order run")
     p.add_argument("--tau", type=float, default=None, help="heldout: routing tau (default: the adapter's)")
+    p.add_argument("--batch-q", type=float, default=1.0, help="heldout: the routed setting's batch policy")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -214,3 +214,24 @@ def test_batch_policy_q1_is_todays_step_and_q_below_1_follows_the_votes(engine, 
         runs[q] = int(state.pred.sum())                 # blocks some row ran
     assert runs[0.5] <= runs[0.75] <= runs[1.0]
     assert runs[0.5] < runs[1.0]                        # the policy skipped something on this batch
+
+
+def test_generate_batch_policy(engine):
+    """generate(batch_q=1) is generate(); at q = 0.5 a batch of 4 runs fewer (step, block) pairs,
+    every decode step's decisions follow the policy, and the no-row-ran stat counts them."""
+    texts = ["Find flights from Paris to Rome on 3 May.", "Plan a two-day trip to Oslo.",
+             "What is the weather in Lima?", "Convert 250 euros to yen."]
+    kw = dict(max_new_tokens=12, eos_token_id=None, tau=0.5)
+    plain = lr.generate(engine, texts, **kw)
+    exact = lr.generate(engine, texts, batch_q=1.0, **kw)
+    assert exact.tokens == plain.tokens and torch.equal(exact.executed, plain.executed)
+    half = lr.generate(engine, texts, batch_q=0.5, **kw)
+    T = plain.valid.shape[1] - plain.stats["decode_steps"]
+    dec = half.executed[:, :, T:]                                # [L, B, steps]
+    ran = dec.any(1)                                             # some row ran (step, block)
+    # a block that runs, runs for at least half the rows (fewer than q of them skip it)
+    assert bool(((dec.sum(1) > 4 * 0.5) | ~ran).all())
+    assert half.stats["decode_blocks_no_row_ran_pct"] > plain.stats["decode_blocks_no_row_ran_pct"]
+    assert half.stats["decode_blocks_no_row_ran_pct"] == pytest.approx(100.0 * (~ran).float().mean().item())
+    with pytest.raises(ValueError, match="batch_q"):
+        lr.generate(engine, texts, batch_q=0.0, **kw)
