@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt import generate as gen_module  # noqa: E402
+from layerroute_rt import scheduler as sched_module  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -56,12 +56,15 @@ def dense_ms_per_token(engine, vocab: int, new_tokens: int, repeats: int) -> lis
 def graph_kernel_nodes(engine, tau: float, skip) -> tuple[int, str | None]:
     """KERNEL nodes of the decode step captured for (tau, skip) at batch 1, and how it skips
     block bodies (the runner's branch mode)."""
-    runner = gen_module._Runner(engine, 1, 64, tau, engine.skip_set(skip), use_graph=False)
+    runner = sched_module._Runner(engine, 1, 64, tau, engine.skip_set(skip), use_graph=False)
     ids = torch.tensor([[5, 9, 200, 3]], device=engine.device)
     engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), runner.cache, tau, runner.skip)
-    runner.start()
-    runner.use_graph = True
     st = runner.state
+    st.positions.copy_(runner.cache.seen)
+    st.slot.fill_(runner.cache.length)
+    st.length.fill_(runner.cache.length + 1)
+    if runner.sequence:
+        runner.refresh_sequences()
     saved = (st.positions.clone(), st.slot.clone(), st.length.clone(), st.tokens.clone(),
              st.executed.clone(), st.pred.clone(), int(st.slot[0]))
     side = torch.cuda.Stream()

@@ -1,28 +1,33 @@
 """generate(): prompts in, tokens, text and skip statistics out, on the inference engine.
 
-Prefill runs once per batch (engine.prefill); each decode step is engine.decode_step, which on
-CUDA is captured once per (batch, cache length, tau, skip set) in a CUDA graph and replayed, with
-greedy argmax inside the graph. The host reads tokens back only every `sync_every` steps (every
-step with stream=True) to end sequences at EOS or a stop string; a sequence that ended keeps
-being fed (its results are discarded) until the whole batch ended, so that nothing in the step
-depends on the host. On CPU the same steps run eagerly.
+generate() is a client of the runtime's one loop, the scheduler (layerroute_rt.scheduler): its
+prompts are submitted together to a scheduler of their batch size, whose first iteration
+prefills them as one left-padded batch (engine.prefill); each decode step is engine.decode_step,
+which on CUDA is captured once per (batch bucket, cache length, tau, skip set) in a CUDA graph
+and replayed, with greedy argmax inside the graph. The host reads tokens back only every
+`sync_every` steps (every step with stream=True) to end sequences at EOS or a stop string; a
+sequence that ended inside those steps was fed on (its results are discarded), so that nothing
+in the step depends on the host. A sequence that ended leaves the batch at the read. On CPU the
+same steps run eagerly.
 """
 from __future__ import annotations
 
 import json
-import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from . import gguf_file, ops
-from . import prefix_cache as prefix_cache_mod
 from .config import check_tau
-from .engine import DecodeState, InferenceModel
-from .flops import FlopsReport, flops_report
+from .engine import InferenceModel
+from .flops import flops_report
 from .model import LayerRouteModel, LoRALinear
+from .sampling import TextDeltas, checkpoint_tokenizer, load_tokenizer, sample, _no_tokenizer  # noqa: F401
+from .scheduler import (DECODE_OPS, MIN_BUCKET, Request, Scheduler, cache_bucket, check_batch_q,  # noqa: F401
+                        decode_router_blocks, generated_flops, graphs_possible, left_pad, plan_reuse,
+                        prefix_key, restore)
 from .toolcalls import parse_tool_calls
 
 
@@ -50,19 +55,19 @@ class StreamChunk:
 
 class GenerationStream:
     """Iterate to get a StreamChunk per decode step. `cancel(b)` ends sequence b at the next
-    step (finish reason "cancelled"; the batch stops when every sequence has ended). After the
+    step (finish reason "cancelled"; the stream ends when every sequence has ended). After the
     iteration, `.output` holds the GenerateOutput."""
 
-    def __init__(self, steps: Iterator, cancelled: set[int], batch: int):
+    def __init__(self, steps: Iterator, requests: list[Request]):
         self._steps = steps
-        self._cancelled = cancelled
-        self._batch = batch
+        self._requests = requests
         self.output: GenerateOutput | None = None
 
     def cancel(self, b: int) -> None:
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self._batch:
-            raise ValueError(f"GenerationStream.cancel: sequence must be in [0, {self._batch}), got {b!r}")
-        self._cancelled.add(b)
+        n = len(self._requests)
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n:
+            raise ValueError(f"GenerationStream.cancel: sequence must be in [0, {n}), got {b!r}")
+        self._requests[b].cancel()
 
     def __iter__(self):
         output = yield from self._steps
@@ -70,54 +75,7 @@ class GenerationStream:
             self.output = output
 
 
-class _TextDeltas:
-    """Incremental detokenization of each sequence (a window of recent tokens decoded, as vLLM
-    and TGI do): a token's text is given once it decodes to whole characters."""
-
-    def __init__(self, tok, batch: int):
-        self.tok = tok
-        self.ids: list[list[int]] = [[] for _ in range(batch)]
-        self.prefix = [0] * batch          # the window's start
-        self.read = [0] * batch            # tokens whose text was given
-
-    def push(self, b: int, token: int, final: bool) -> str:
-        ids = self.ids[b]
-        ids.append(token)
-        before = self.tok.decode(ids[self.prefix[b]:self.read[b]], skip_special_tokens=True)
-        text = self.tok.decode(ids[self.prefix[b]:], skip_special_tokens=True)
-        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
-            self.prefix[b], self.read[b] = self.read[b], len(ids)
-            return text[len(before):]
-        return ""
-
-
 # -- inputs ------------------------------------------------------------------------------------
-
-def checkpoint_tokenizer(directory):
-    """The tokenizer a checkpoint directory ships (transformers, local files only), or a GGUF
-    file's, or None."""
-    if directory is not None and gguf_file.is_gguf(directory):
-        return gguf_file.tokenizer(directory)
-    if directory is None or not any((Path(directory) / f).exists()
-                                    for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-
-
-def _no_tokenizer(engine: InferenceModel) -> str:
-    if engine.tokenizer_dir is None:
-        return "the model was not loaded from a checkpoint directory (layerroute_rt.load)"
-    return f"{engine.tokenizer_dir} has none (tokenizer.json or tokenizer_config.json)"
-
-
-def load_tokenizer(engine: InferenceModel):
-    """The engine's checkpoint tokenizer, loaded once and cached on the engine (or None)."""
-    if not hasattr(engine, "_tokenizer"):
-        engine._tokenizer = checkpoint_tokenizer(engine.tokenizer_dir)
-    return engine._tokenizer
-
 
 def _check_tools(tools) -> None:
     if not isinstance(tools, (list, tuple)) or not tools:
@@ -198,17 +156,6 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
             raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
-def _batch(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and their mask [B, T]."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = True
-    return ids.to(device), mask.to(device)
-
-
 def _eos_ids(engine: InferenceModel, eos_token_id) -> set[int]:
     """eos_token_id: "auto" (the checkpoint's generation_config.json, else its tokenizer's),
     None (no EOS), an int or a list of ints."""
@@ -228,152 +175,6 @@ def _eos_ids(engine: InferenceModel, eos_token_id) -> set[int]:
     if found is None and load_tokenizer(engine) is not None:
         found = load_tokenizer(engine).eos_token_id
     return set() if found is None else set([found] if isinstance(found, int) else found)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k / top-p."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.double()           # float64: finite for any temperature > 0 (1e-300 too)
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p          # keep the smallest set reaching top_p
-        drop[:, 0] = False                 # and the top token always (rounding of a tiny top_p)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-# -- the decode step, eager or as a CUDA graph ---------------------------------------------------
-
-# The ops of a decode step; a CUDA graph needs each of them to keep its count on the device
-# (a Triton or compiled kernel: the torch references read the count on the host).
-DECODE_OPS = ("route_kv", "qkv_rope", "decode_attention", "linear_scatter_add", "norm_gate_up",
-              "norm_linear")
-
-
-def graphs_possible(device: torch.device) -> bool:
-    """Whether a decode step on `device` can be captured in a CUDA graph."""
-    return device.type == "cuda" and all(ops.backend(op, device) != "torch" for op in DECODE_OPS)
-
-
-class _Runner:
-    """A cache, the decode state over it and, on CUDA, the captured step, for one batch size,
-    cache length, tau and skip set. Reused across generate() calls with the same key, by one
-    generation at a time (`busy`)."""
-
-    def __init__(self, engine: InferenceModel, batch: int, cache_len: int, tau: float,
-                 skip: frozenset[int], use_graph: bool, batch_q: float = 1.0):
-        self.engine, self.tau, self.skip, self.batch_q = engine, tau, skip, batch_q
-        self.cache = engine.new_cache(batch, cache_len)
-        self.use_graph = use_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.state: DecodeState | None = None
-        self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
-        self.busy = False
-        self.branch_mode: str | None = None    # how the graph skips a block body (engine.branch_mode)
-
-    def start(self) -> None:
-        """After prefill: point the decode state at the cache (the same buffers when a graph
-        was captured on them) and capture the step if it is not yet."""
-        fresh = self.engine.decode_state(self.cache)
-        fresh.batch_q = self.batch_q
-        if self.state is None:
-            self.state = fresh
-        else:
-            self.state.positions.copy_(fresh.positions)
-            self.state.slot.copy_(fresh.slot)
-            self.state.length.copy_(fresh.length)
-            self.state.executed.copy_(fresh.executed)
-            self.state.pred.copy_(fresh.pred)
-            if fresh.seq_rows is not None:
-                for (index, count), (i2, c2) in zip(self.state.seq_rows, fresh.seq_rows):
-                    index.copy_(i2)
-                    count.copy_(c2)
-        if self.use_graph and self.graph is None:
-            self._capture()
-
-    def _eager_step(self) -> None:
-        self.engine.decode_step(self.state, self.cache, self.tau, self.skip)
-        torch.argmax(self.state.logits, -1, out=self.greedy_next)
-        if self.graph is None:
-            self.branch_mode = self.engine.last_branch_mode
-
-    def step(self) -> None:
-        if self.graph is None:
-            self._eager_step()
-        else:
-            self.graph.replay()
-
-    def _capture(self) -> None:
-        """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
-        to the decode state and the cache, then capture one step."""
-        st = self.state
-        saved = (st.positions.clone(), st.slot.clone(), st.length.clone(), st.tokens.clone(),
-                 st.executed.clone(), st.pred.clone(), int(st.slot[0]))
-        side = torch.cuda.Stream(device=self.engine.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._eager_step()
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._eager_step()
-        self.branch_mode = self.engine.last_branch_mode
-        self._restore(saved)               # capture records; restoring again is harmless
-        self.graph = graph                 # only once captured
-
-    def _restore(self, saved) -> None:
-        positions, slot, length, tokens, executed, pred, first_free = saved
-        self.state.positions.copy_(positions)
-        self.state.slot.copy_(slot)
-        self.state.length.copy_(length)
-        self.state.tokens.copy_(tokens)
-        self.state.executed.copy_(executed)
-        self.state.pred.copy_(pred)
-        self.cache.valid[:, :, first_free:] = False
-
-
-MAX_RUNNERS = 8          # per engine: each holds a KV cache (and on CUDA a graph and its memory pool)
-RUNNER_SLOTS = 1 << 16  # and their caches hold at most this many batch x cache slots together
-MIN_BUCKET = 256
-
-
-def cache_bucket(need: int, limit: int) -> int:
-    """The KV cache length for `need` slots: the next power of two from MIN_BUCKET, at most
-    `limit` (the engine's max_cache_len), so that caches and graphs are reused across calls as
-    a conversation grows."""
-    size = MIN_BUCKET
-    while size < need:
-        size *= 2
-    return min(size, limit)
-
-
-def _runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int],
-            batch_q: float = 1.0) -> _Runner:
-    """The engine's runner for this key, most recently used last; a private one while it is busy
-    (another stream of the same shape is still open)."""
-    use_graph = engine.use_cuda_graphs and not engine.host_counts and graphs_possible(engine.device)
-    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy, batch_q)
-    runners = engine.__dict__.setdefault("_runners", {})
-    runner = runners.pop(key, None)
-    if runner is not None and runner.busy:
-        runners[key] = runner
-        return _Runner(engine, batch, cache_len, tau, skip, use_graph, batch_q)
-    if runner is None:
-        idle = [k for k, r in runners.items() if not r.busy]             # least recently used first
-        while idle and (len(runners) >= MAX_RUNNERS or
-                        sum(k[0] * k[1] for k in runners) + batch * cache_len > RUNNER_SLOTS):
-            runners.pop(idle.pop(0))
-        runner = _Runner(engine, batch, cache_len, tau, skip, use_graph, batch_q)
-    runners[key] = runner
-    return runner
 
 
 def engine_for(model: LayerRouteModel) -> InferenceModel:
@@ -419,30 +220,6 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, see
         raise ValueError(f"generate: stream must be True or False, got {stream!r}")
 
 
-@dataclass
-class _Reuse:
-    """What a batch takes from the prefix cache: per sequence an entry and how many of its tokens
-    (0: none), the width C of the cached region (sequence b's prefix ends at slot C) and the new
-    tokens after it."""
-    entries: list
-    counts: list[int]
-    width: int
-    new: list[list[int]]
-
-
-def _plan_reuse(engine: InferenceModel, prompts: list[list[int]], key: tuple, max_new: int) -> _Reuse:
-    none = _Reuse([None] * len(prompts), [0] * len(prompts), 0, prompts)
-    if engine.prefix_cache is None:
-        return none
-    hits = [engine.prefix_cache.lookup(key, p) for p in prompts]
-    counts = [n for _, n in hits]
-    width = max(counts)
-    new = [p[n:] for p, n in zip(prompts, counts)]
-    if width + max(len(p) for p in new) + max_new > engine.max_cache_len:
-        return none            # cached prefixes of unequal length would need more slots than fit
-    return _Reuse([e for e, _ in hits], counts, width, new)
-
-
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
              stream: bool = False, seed: int | None = None, eos_token_id="auto",
@@ -459,7 +236,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     A prompt that starts with tokens the engine's prefix cache holds (same tau and skip set)
     prefills only the rest (see layerroute_rt.prefix_cache for what that means under `sequence`
     granularity), and the sequence it ends up with (prompt and fed-back tokens) is cached.
-    Sampling: greedy at temperature 0, else seeded (seed) top-k / top-p. Each sequence ends on
+    Sampling: greedy at temperature 0, else top-k / top-p, sequence b drawing from its own
+    generator (seeded with seed + b when seed is given). Each sequence ends on
     its own at an EOS token (eos_token_id: "auto" reads the checkpoint's generation config;
     None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
@@ -483,8 +261,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     ("conditional_node": a CUDA-graph IF node; "early_exit": its kernels ran and exited at
     count 0, where IF nodes are not available or without a graph; "host_predicate": the
     predicate read on the host, on the CPU; None without a decode step),
-    decode_blocks_no_row_ran_pct: over the decode steps, the % of (step, block) pairs that no
-    row still generating ran (the blocks whose weights a batched step need not read; None
+    decode_blocks_no_row_ran_pct: over the decode steps, the % of (step, block outside
+    skip_layers) pairs that no row still generating ran (the blocks whose weights a batched step need not read; None
     without a decode step).
     """
     engine = model if isinstance(model, InferenceModel) else engine_for(_check_model(model))
@@ -501,42 +279,33 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
                          f"{T + max_new_tokens} cache slots; the KV cache holds at most "
                          f"{engine.max_cache_len} (InferenceModel max_cache_len, at most "
                          f"max_position_embeddings {engine.config.max_position_embeddings})")
-    eos = _eos_ids(engine, eos_token_id)
+    eos = frozenset(_eos_ids(engine, eos_token_id))
     tok = load_tokenizer(engine)
     if stop and tok is None:
         raise ValueError(f"generate: stop strings need the checkpoint's tokenizer: {_no_tokenizer(engine)}")
-    key = prefix_key(engine, tau, skip, batch_q)
-    reuse = _plan_reuse(engine, prompts, key, max_new_tokens)
-    need = reuse.width + max(len(p) for p in reuse.new) + max_new_tokens
-    cache_len = cache_bucket(need, engine.max_cache_len)
-    cancelled: set[int] = set()
-    steps = _generate_steps(engine, (len(prompts), cache_len, tau, skip, batch_q), prompts, reuse, key,
-                            max_new_tokens, temperature, top_k, top_p, seed, eos, stop, tok,
-                            1 if stream else sync_every, cancelled)
+    pending: list[deque] = [deque() for _ in prompts]     # tokens not yet given to the stream
+
+    def on_token(b: int):
+        def told(token: int, text: str) -> bool:
+            if stream:
+                pending[b].append((token, text))
+            return bool(stop) and _stopped(tok, requests[b].tokens, stop)
+        return told
+
+    requests = [Request(prompt=p, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                        top_p=top_p, seed=None if seed is None else seed + b, eos=eos, on_token=on_token(b))
+                for b, p in enumerate(prompts)]
+    sched = Scheduler(engine, tau=tau, skip_layers=sorted(skip), max_batch=len(prompts),
+                      prefill_chunk=sum(len(p) for p in prompts), batch_q=batch_q,
+                      sync_every=1 if stream else sync_every, tok=tok if stream else None)
+    steps = _run(engine, sched, requests, prompts, pending, stream)
     if stream:
-        return GenerationStream(steps, cancelled, len(prompts))
+        return GenerationStream(steps, requests)
     try:
         while True:
             next(steps)
     except StopIteration as done:
         return done.value
-
-
-def check_batch_q(batch_q, engine: InferenceModel) -> float:
-    """The batch policy checked: q in (0, 1]; q < 1 needs token granularity."""
-    if isinstance(batch_q, bool) or not isinstance(batch_q, (int, float)) or not 0.0 < batch_q <= 1.0:
-        raise ValueError(f"batch_q must be in (0, 1], got {batch_q!r}")
-    if batch_q < 1.0 and engine.lr_config.granularity != "token":
-        raise ValueError(f"batch_q < 1 needs token granularity; the adapter has {engine.lr_config.granularity!r}")
-    return float(batch_q)
-
-
-def prefix_key(engine: InferenceModel, tau: float, skip: frozenset[int], batch_q: float = 1.0) -> tuple:
-    """What decides how a token's K/V came out, the prefix cache's key: tau, the skip set, the
-    granularity, the kv policy, and the batch policy when it is not exact (q < 1: a row's
-    decisions then depend on its batch)."""
-    key = (tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
-    return key if batch_q == 1.0 else key + (batch_q,)
 
 
 def _check_model(model):
@@ -546,129 +315,28 @@ def _check_model(model):
     return model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _generate_steps(engine, runner_key, prompts, reuse, key, max_new, temperature, top_k, top_p,
-                    seed, eos: set[int], stop, tok, sync_every, cancelled):
-    """The generation loop as a generator: yields a StreamChunk at every host check when
-    streaming (sync_every 1) and returns the GenerateOutput. It takes its runner when it starts
-    running (not when a stream is made) and holds it until it ends."""
-    runner = _runner(engine, *runner_key)
-    runner.busy = True
+def _run(engine, sched: Scheduler, requests: list[Request], prompts, pending: list[deque], stream: bool):
+    """The scheduler stepped until every request ended, as a generator: yields a StreamChunk
+    per new token of the sequences when streaming and returns the GenerateOutput. The
+    scheduler takes its runner at its first step (not when a stream is made) and gives it back
+    when it ends."""
     try:
-        return (yield from _loop(engine, runner, prompts, reuse, key, max_new, temperature, top_k,
-                                 top_p, seed, eos, stop, tok, sync_every, cancelled))
+        for r in requests:
+            sched.submit(r)
+        while sched.has_work():
+            sched.step()
+            while stream and any(pending):
+                told = [q.popleft() if q else None for q in pending]
+                yield StreamChunk([None if t is None else t[0] for t in told],
+                                  None if sched.tok is None else ["" if t is None else t[1] for t in told])
+        stats = sched.stats()
     finally:
-        runner.busy = False
-
-
-def _restore(cache, reuse: _Reuse) -> None:
-    """Sequence b's cached prefix into slots [C - n_b, C) of an empty cache (C = reuse.width)."""
-    C = reuse.width
-    for b, (entry, n) in enumerate(zip(reuse.entries, reuse.counts)):
-        if n:
-            cache.k[:, b, :, C - n:C] = entry.k[:, :, :n]
-            cache.v[:, b, :, C - n:C] = entry.v[:, :, :n]
-            cache.valid[:, b, C - n:C] = entry.valid[:, :n]
-            cache.seen[b] = n
-    cache.length = C
-
-
-def _loop(engine, runner: _Runner, prompts, reuse: _Reuse, key, max_new, temperature, top_k, top_p,
-          seed, eos, stop, tok, sync_every, cancelled):
-    device, B = engine.device, len(prompts)
-    L = engine.config.num_hidden_layers
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    ids, mask = _batch(reuse.new, device)
-    cache = runner.cache
-    cache.reset()
-    _restore(cache, reuse)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits, exec_new = engine.prefill(ids, mask, cache, runner.tau, runner.skip)
-    nxt = sample(logits, temperature, top_k, top_p, generator)
-    _sync(device)
-    prefill_ms = 1e3 * (time.perf_counter() - t0)
-    if max_new > 1:
-        runner.start()                  # on CUDA the first call for a key captures the graph here
-    state = runner.state
-
-    new = torch.empty(B, max_new, dtype=torch.long, device=device)
-    exec_hist = torch.zeros(max(max_new - 1, 0), L, B, dtype=torch.bool, device=device)
-    host: list[list[int]] = [[] for _ in range(B)]    # new tokens read back, up to each end
-    finish: list[str | None] = [None] * B
-    deltas = _TextDeltas(tok, B) if sync_every == 1 and tok is not None else None
-    checked = 0                                        # new tokens read back so far
-    steps = 0
-    _sync(device)
-    t0 = time.perf_counter()
-    for step in range(max_new):
-        new[:, step] = nxt
-        last = step == max_new - 1
-        if last or (step + 1) % sync_every == 0:
-            rows = new[:, checked:step + 1].tolist()                 # the host sync
-            checked = step + 1
-            fresh: list[int | None] = [None] * B
-            for b in range(B):
-                for t in rows[b]:
-                    if finish[b] is None and b in cancelled:
-                        finish[b] = "cancelled"
-                    if finish[b] is not None:
-                        break
-                    host[b].append(t)
-                    fresh[b] = t
-                    if t in eos or bool(stop) and _stopped(tok, host[b], stop):
-                        finish[b] = "stop"
-                    elif len(host[b]) == max_new:
-                        finish[b] = "length"
-            if sync_every == 1:
-                text = None if deltas is None else \
-                    ["" if t is None else deltas.push(b, t, finish[b] is not None) for b, t in enumerate(fresh)]
-                paused = time.perf_counter()
-                yield StreamChunk(fresh, text)
-                t0 += time.perf_counter() - paused               # the consumer's time is not ours
-                for b in cancelled:                              # cancelled while we waited
-                    finish[b] = finish[b] or "cancelled"
-            if all(f is not None for f in finish) or last:
-                break
-        state.tokens.copy_(nxt)
-        runner.step()
-        exec_hist[step].copy_(state.executed)
-        steps += 1
-        # greedy: read (copied into `new` and the step's input) before the next step rewrites it
-        nxt = runner.greedy_next if temperature == 0.0 else \
-            sample(state.logits, temperature, top_k, top_p, generator)
-    _sync(device)
-    decode_ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
-    out = _output(engine, prompts, reuse, host, tok, exec_new, exec_hist[:steps], prefill_ms,
-                  decode_ms if steps else None, runner.graph is not None,
-                  decode_router_blocks(engine, runner.tau, runner.skip),
-                  runner.branch_mode if steps else None)
-    out.finish_reasons = [f or "length" for f in finish]
-    if engine.prefix_cache is not None:
-        _store(engine, cache, key, prompts, reuse, host, out, steps)
-    return out
-
-
-def _store(engine, cache, key, prompts, reuse: _Reuse, host, out: GenerateOutput, steps: int) -> None:
-    """Each sequence as the cache now holds it (prompt, then the new tokens a decode step fed)
-    into the prefix cache."""
-    C, U = reuse.width, max(len(p) for p in reuse.new)
-    T = max(len(p) for p in prompts)
-    for b, prompt in enumerate(prompts):
-        n, u = reuse.counts[b], len(reuse.new[b])
-        fed = max(min(len(host[b]) - 1, steps), 0)
-        if len(prompt) + fed > engine.prefix_cache.max_tokens:
-            continue                                   # the cache would not keep it: no copy
-        slots = torch.cat([torch.arange(C - n, C), torch.arange(C + U - u, C + U + fed)]).to(cache.device)
-        executed = torch.cat([out.executed[:, b, T - len(prompt):T], out.executed[:, b, T:T + fed]], dim=1)
-        engine.prefix_cache.store(key, prefix_cache_mod.Entry(
-            tokens=tuple(prompt) + tuple(host[b][:fed]),
-            k=cache.k[:, b].index_select(2, slots), v=cache.v[:, b].index_select(2, slots),
-            valid=cache.valid[:, b].index_select(1, slots), executed=executed.clone()))
+        sched.close()
+    for r in requests:
+        if r.error is not None:
+            raise r.error
+    return _output(engine, prompts, requests, stats, load_tokenizer(engine),
+                   decode_router_blocks(engine, sched.tau, sched.skip))
 
 
 def _stopped(tok, tokens: list[int], stop) -> bool:
@@ -676,78 +344,46 @@ def _stopped(tok, tokens: list[int], stop) -> bool:
     return any(s in text for s in stop)
 
 
-def decode_router_blocks(engine: InferenceModel, tau: float, skip: frozenset[int]) -> int:
-    """How many blocks run their router in a decode step: none at tau 0 or under `sequence`
-    granularity (decided at prefill), else every block outside skip_layers."""
-    if tau == 0.0 or engine.lr_config.granularity == "sequence":
-        return 0
-    return engine.config.num_hidden_layers - len(skip)
-
-
-def generated_flops(engine: InferenceModel, executed: torch.Tensor, valid: torch.Tensor,
-                    prompt_width: int, router_blocks: int) -> FlopsReport:
-    """FLOPs of the forward passes that fed generated tokens: the decode steps, columns
-    prompt_width.. of a GenerateOutput's executed [L, B, T + steps] and valid [B, T + steps]
-    (a sequence's tokens up to its last one, which no step fed; the first new token, made by
-    prefill, is the first one fed). Prompt tokens are left out; each fed token attends to its
-    whole context (prompt included)."""
-    fed = valid.clone()
-    fed[:, :prompt_width] = False
-    return flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), fed,
-                        router_blocks=router_blocks)
-
-
-def _output(engine, prompts, reuse: _Reuse, tokens, tok, exec_new, exec_hist, prefill_ms, decode_ms,
-            graph, router_blocks: int, branch_mode) -> GenerateOutput:
-    """The output over the whole prompts, left-padded to their longest (T): a cached token's
-    decisions are its prefix-cache entry's, the others' prefill's (exec_new [L, B, U] over the
-    new tokens, left-padded to U) and the decode steps' (exec_hist [steps, L, B])."""
-    B, steps = len(prompts), exec_hist.shape[0]
-    L = engine.config.num_hidden_layers
-    T, U = max(len(p) for p in prompts), exec_new.shape[2]
-    exec_prompt = torch.zeros(L, B, T, dtype=torch.bool)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    exec_new = exec_new.cpu()
-    for b, p in enumerate(prompts):
-        n, u = reuse.counts[b], len(reuse.new[b])
-        mask[b, T - len(p):] = True
-        if n:
-            exec_prompt[:, b, T - len(p):T - u] = reuse.entries[b].executed[:, :n]
-        exec_prompt[:, b, T - u:] = exec_new[:, b, U - u:]
-    # Decode step j fed new token j of each sequence; it counts for a sequence that kept that
-    # token and went on (j < its length - 1).
-    fed = torch.zeros(B, steps, dtype=torch.bool)
-    for b, row in enumerate(tokens):
-        fed[b, :max(len(row) - 1, 0)] = True
-    hist = exec_hist.cpu()                                   # [steps, L, B]
-    ran = (hist & fed.t()[:, None, :]).any(2)                # [steps, L]: some row that went on ran it
-    live_steps = fed.any(0)
-    none_ran = (~ran[live_steps]).float().mean().item() * 100.0 if bool(live_steps.any()) else None
-    executed = torch.cat([exec_prompt, hist.permute(1, 2, 0)], dim=2)
-    valid = torch.cat([mask, fed], dim=1)
-    executed &= valid[None]
+def _output(engine, prompts, requests: list[Request], sched_stats: dict, tok,
+            router_blocks: int) -> GenerateOutput:
+    """The output over the whole prompts, left-padded to their longest (T), then the decode
+    steps (columns T..): sequence b's decisions (Request.executed: its prompt tokens, a cached
+    one's from its prefix-cache entry, then the tokens decode fed it, its last one unfed)."""
+    B, L = len(prompts), engine.config.num_hidden_layers
+    T = max(len(p) for p in prompts)
+    fed = [r.stats.get("decode_steps", 0) for r in requests]
+    steps = max(fed)
+    executed = torch.zeros(L, B, T + steps, dtype=torch.bool)
+    valid = torch.zeros(B, T + steps, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, requests)):
+        executed[:, b, T - len(p):T] = r.executed[:, :len(p)]
+        executed[:, b, T:T + fed[b]] = r.executed[:, len(p):]
+        valid[b, T - len(p):T + fed[b]] = True
+    valid[:, :T] &= torch.arange(T)[None] >= T - torch.tensor([len(p) for p in prompts])[:, None]
     cfg, lr = engine.config, engine.lr_config
     report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
     n_real = valid.sum().clamp(min=1)
     generated = generated_flops(engine, executed, valid, T, router_blocks)
+    decode_s = sched_stats["decode_s"]
+    tokens = [r.tokens for r in requests]
     stats = {
-        "prefill_ms": prefill_ms,
-        "decode_ms_per_step": decode_ms,
-        "decode_ms_per_token": None if decode_ms is None else decode_ms / B,
+        "prefill_ms": 1e3 * sched_stats["prefill_s"],
+        "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
+        "decode_ms_per_token": 1e3 * decode_s / steps / B if steps else None,
         "decode_steps": steps,
         "new_tokens": sum(len(t) for t in tokens),
         "prompt_tokens_per_seq": [len(p) for p in prompts],
-        "cached_prompt_tokens": sum(reuse.counts),
-        "cached_prompt_tokens_per_seq": list(reuse.counts),
+        "cached_prompt_tokens": sum(r.stats["cached_prompt_tokens"] for r in requests),
+        "cached_prompt_tokens_per_seq": [r.stats["cached_prompt_tokens"] for r in requests],
         "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),
         "block_flops_skipped_pct": report.block_skipped_pct,
         "total_flops_skipped_pct": report.total_skipped_pct,
         "generated_block_flops_skipped_pct": generated.block_skipped_pct if steps else None,
         "generated_total_flops_skipped_pct": generated.total_skipped_pct if steps else None,
-        "decode_blocks_no_row_ran_pct": none_ran,
-        "cuda_graph": graph,
-        "skipped_block_mode": branch_mode,
+        "decode_blocks_no_row_ran_pct": sched_stats["blocks_no_row_ran_pct"] if steps else None,
+        "cuda_graph": sched_stats["cuda_graph"],
+        "skipped_block_mode": sched_stats["skipped_block_mode"] if steps else None,
     }
     text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
     calls = [parse_tool_calls(t) for t in text] if text is not None else None
-    return GenerateOutput(tokens, text, executed, valid, stats, calls)
+    return GenerateOutput(tokens, text, executed, valid, stats, calls, [r.finish or "length" for r in requests])

@@ -1,48 +1,306 @@
-"""Iteration-level scheduling (DESIGN.md section 6): many requests, one running batch.
+"""The runtime's one decode loop: iteration-level scheduling of many requests over one running
+batch (docs: DESIGN.md section 6). generate() and the server are both its clients.
 
 At every iteration (`step`):
   1. waiting requests are prefilled, from the engine's prefix cache where it holds a prefix of
-     the prompt, into a one-sequence staging cache, at most `prefill_chunk` prompt tokens per
-     iteration over all of them (a long prompt takes several iterations, so the running streams
-     keep their pace); a prompt fully prefilled samples its first token and joins the running
-     batch in a free row;
-  2. one decode step runs the batch (engine.decode_step) at a padded batch bucket (1, 2, 4, 8,
-     ...): padding rows run nothing and write nowhere (DecodeState.active);
-  3. each row's next token is sampled with that request's own parameters (its own generator
+     the prompt, into a staging cache, at most `prefill_chunk` prompt tokens per iteration over
+     all of them: the newcomers whose prompts fit the budget are prefilled together as one
+     left-padded batch, a longer prompt alone over several iterations (the running streams keep
+     their pace); a prompt fully prefilled samples its first token and joins the running batch
+     in a free row;
+  2. decode steps run the batch at a padded batch bucket (1, 2, 4, 8, ...): padding rows run
+     nothing and write nowhere (DecodeState.active; under `sequence` granularity they hold no
+     decision). On CUDA each (bucket, cache length) has its runner, whose step is captured
+     once in a CUDA graph and replayed (graphs possible: every decode op keeps its counts on
+     the device);
+  3. each row's next token is chosen with that request's own parameters (its own generator
      when seeded, its logits processor first: a per-row mask fits there), and a sequence that
-     ends (EOS, max_new_tokens, its owner's stop, a cancel) leaves its row at once.
+     ends (EOS, max_new_tokens, its owner's stop, a cancel) leaves its row.
+
+The host reads the tokens back after every decode step, or, with sync_every k > 1 and no row
+that needs the host between steps (a logits processor), after up to k steps chosen on the
+device (generate()'s default: no host synchronisation inside the k steps). A row that ended
+inside them was fed up to k - 1 more steps; their tokens are dropped and it leaves at the read.
 
 The running cache has one slot column shared by its rows (decode writes every row's token at
 state.slot): row b holds its tokens in slots [S - n_b, S), padding to the left invalid. A
 joining sequence needs S >= n (its length) and room for every row's remaining tokens; when
 either fails the batch is laid out again (rows packed, slots shifted, the cache and bucket
-regrown or shrunk), a copy of the cache made off the decode step.
+regrown or shrunk) into another runner's cache, off the decode step.
 
 Skip under batching: a block's weights are read when one row of the step runs it. Each step
 records how many blocks no active row ran; `stats()` reports their fraction next to the FLOPs
 skipped. batch_q < 1 is the batch policy (engine.DecodeState.batch_q).
-
-Only token granularity is scheduled (sequence granularity decides per prompt at prefill).
 """
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from . import ops
 from . import prefix_cache as prefix_cache_mod
 from .config import check_tau
-from .engine import InferenceModel
+from .engine import DecodeState, InferenceModel
 from .flops import FlopsReport, flops_report
-from .generate import MIN_BUCKET, _TextDeltas, cache_bucket, decode_router_blocks, generated_flops, \
-    load_tokenizer, prefix_key, sample
+from .sampling import TextDeltas, load_tokenizer, sample
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MIN_BUCKET = 256         # the smallest KV cache length
+MAX_RUNNERS = 8          # per engine: each holds a KV cache (and on CUDA graphs and their memory pool)
+RUNNER_SLOTS = 1 << 16  # and their caches hold at most this many batch x cache slots together
 
+# The ops of a decode step; a CUDA graph needs each of them to keep its count on the device
+# (a Triton or compiled kernel: the torch references read the count on the host).
+DECODE_OPS = ("route_kv", "qkv_rope", "decode_attention", "linear_scatter_add", "norm_gate_up",
+              "norm_linear")
+
+
+def cache_bucket(need: int, limit: int) -> int:
+    """The KV cache length for `need` slots: the next power of two from MIN_BUCKET, at most
+    `limit` (the engine's max_cache_len), so that caches and graphs are reused across calls as
+    a conversation grows."""
+    size = MIN_BUCKET
+    while size < need:
+        size *= 2
+    return min(size, limit)
+
+
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """The padded batch size for `rows` sequences: the next power of two, at most max_batch."""
+    size = 1
+    while size < rows:
+        size *= 2
+    return min(size, max_batch)
+
+
+def check_batch_q(batch_q, engine: InferenceModel) -> float:
+    """The batch policy checked: q in (0, 1]; q < 1 needs token granularity."""
+    if isinstance(batch_q, bool) or not isinstance(batch_q, (int, float)) or not 0.0 < batch_q <= 1.0:
+        raise ValueError(f"batch_q must be in (0, 1], got {batch_q!r}")
+    if batch_q < 1.0 and engine.lr_config.granularity != "token":
+        raise ValueError(f"batch_q < 1 needs token granularity; the adapter has {engine.lr_config.granularity!r}")
+    return float(batch_q)
+
+
+def prefix_key(engine: InferenceModel, tau: float, skip: frozenset[int], batch_q: float = 1.0) -> tuple:
+    """What decides how a token's K/V came out, the prefix cache's key: tau, the skip set, the
+    granularity, the kv policy, and the batch policy when it is not exact (q < 1: a row's
+    decisions then depend on its batch)."""
+    key = (tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy)
+    return key if batch_q == 1.0 else key + (batch_q,)
+
+
+def decode_router_blocks(engine: InferenceModel, tau: float, skip: frozenset[int]) -> int:
+    """How many blocks run their router in a decode step: none at tau 0 or under `sequence`
+    granularity (decided at prefill), else every block outside skip_layers."""
+    if tau == 0.0 or engine.lr_config.granularity == "sequence":
+        return 0
+    return engine.config.num_hidden_layers - len(skip)
+
+
+def generated_flops(engine: InferenceModel, executed: torch.Tensor, valid: torch.Tensor,
+                    prompt_width: int, router_blocks: int) -> FlopsReport:
+    """FLOPs of the forward passes that fed generated tokens: the decode steps, columns
+    prompt_width.. of a GenerateOutput's executed [L, B, T + steps] and valid [B, T + steps]
+    (a sequence's tokens up to its last one, which no step fed; the first new token, made by
+    prefill, is the first one fed). Prompt tokens are left out; each fed token attends to its
+    whole context (prompt included)."""
+    fed = valid.clone()
+    fed[:, :prompt_width] = False
+    return flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), fed,
+                        router_blocks=router_blocks)
+
+
+# -- prefix reuse for a batch of prompts ---------------------------------------------------------
+
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their mask [B, T]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class Reuse:
+    """What a batch takes from the prefix cache: per sequence an entry and how many of its tokens
+    (0: none), the width C of the cached region (sequence b's prefix ends at slot C) and the new
+    tokens after it."""
+    entries: list
+    counts: list[int]
+    width: int
+    new: list[list[int]]
+
+
+def plan_reuse(engine: InferenceModel, prompts: list[list[int]], key: tuple, max_new: int) -> Reuse:
+    none = Reuse([None] * len(prompts), [0] * len(prompts), 0, prompts)
+    if engine.prefix_cache is None:
+        return none
+    hits = [engine.prefix_cache.lookup(key, p) for p in prompts]
+    counts = [n for _, n in hits]
+    width = max(counts)
+    new = [p[n:] for p, n in zip(prompts, counts)]
+    if width + max(len(p) for p in new) + max_new > engine.max_cache_len:
+        return none            # cached prefixes of unequal length would need more slots than fit
+    return Reuse([e for e, _ in hits], counts, width, new)
+
+
+def restore(cache, reuse: Reuse) -> None:
+    """Sequence b's cached prefix into slots [C - n_b, C) of an empty cache (C = reuse.width)."""
+    C = reuse.width
+    for b, (entry, n) in enumerate(zip(reuse.entries, reuse.counts)):
+        if n:
+            cache.k[:, b, :, C - n:C] = entry.k[:, :, :n]
+            cache.v[:, b, :, C - n:C] = entry.v[:, :, :n]
+            cache.valid[:, b, C - n:C] = entry.valid[:, :n]
+            cache.seen[b] = n
+    cache.length = C
+
+
+# -- the decode step of one bucket, eager or as a CUDA graph -------------------------------------
+
+def graphs_possible(device: torch.device) -> bool:
+    """Whether a decode step on `device` can be captured in a CUDA graph."""
+    return device.type == "cuda" and all(ops.backend(op, device) != "torch" for op in DECODE_OPS)
+
+
+class _Runner:
+    """A running cache of one bucket (rows, cache length) for one tau, skip set and batch
+    policy, its decode state, and on CUDA the captured step: one graph with padding rows
+    (state.active) and one without (the plain route kernel). The step computes the greedy next
+    token of every row on the device (greedy_next). Held by one scheduler at a time (`busy`)."""
+
+    def __init__(self, engine: InferenceModel, batch: int, cache_len: int, tau: float,
+                 skip: frozenset[int], use_graph: bool, batch_q: float = 1.0):
+        self.engine, self.tau, self.skip = engine, tau, skip
+        self.cache = engine.new_cache(batch, cache_len)
+        self.sequence = engine.lr_config.granularity == "sequence"
+        if self.sequence:
+            self.cache.decide_sequences()
+        self.state: DecodeState = engine.decode_state(self.cache)
+        self.state.batch_q = batch_q
+        self.active = torch.zeros(batch, dtype=torch.bool, device=engine.device)
+        self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        self.use_graph = use_graph
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.busy = False
+        self.branch_mode: str | None = None    # how the step skips a block body (engine.branch_mode)
+
+    def reset(self, S: int) -> None:
+        """An empty cache whose next slot is S, no row active."""
+        cache, st = self.cache, self.state
+        cache.valid.zero_()
+        cache.seen.zero_()
+        cache.length = S
+        if self.sequence:
+            cache.seq_exec.zero_()
+        self.active.zero_()
+        st.positions.zero_()
+        st.tokens.zero_()
+        st.slot.fill_(S)
+        st.length.fill_(S + 1)
+
+    def refresh_sequences(self) -> None:
+        """Sequence granularity: the decode state's rows per block from the cache's decisions
+        (cache.seq_exec, False for padding rows), copied into the same buffers (a graph reads
+        them). A host read: called between steps when rows joined or left."""
+        st = self.state
+        for i, (index, count) in enumerate(st.seq_rows):
+            i2, c2 = ops.compact_rows_ref(self.cache.seq_exec[i].contiguous())
+            index.copy_(i2)
+            count.copy_(c2)
+            st.pred[i] = bool(c2[0] > 0)
+        st.executed.copy_(self.cache.seq_exec)
+
+    def step(self, padded: bool) -> None:
+        st = self.state
+        st.active = self.active if padded and not self.sequence else None
+        if not self.use_graph:
+            self._eager_step()
+            return
+        graph = self.graphs.get(st.active is not None)
+        if graph is None:
+            try:
+                graph = self._capture()
+            except Exception as e:         # run eagerly from now on: slower, never wrong
+                warnings.warn(f"layerroute_rt: CUDA graph capture of the decode step failed ({e}); "
+                              "decoding eagerly")
+                self.use_graph = False
+                self._eager_step()
+                return
+        graph.replay()
+
+    def _eager_step(self) -> None:
+        self.engine.decode_step(self.state, self.cache, self.tau, self.skip)
+        torch.argmax(self.state.logits, -1, out=self.greedy_next)
+        self.branch_mode = self.engine.last_branch_mode
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
+        to the decode state and the cache, then capture one step."""
+        st = self.state
+        saved = (st.positions.clone(), st.slot.clone(), st.length.clone(), st.tokens.clone(),
+                 st.executed.clone(), st.pred.clone(), int(st.slot[0]))
+        side = torch.cuda.Stream(device=self.engine.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._eager_step()
+        self._restore(saved)               # capture records; restoring again is harmless
+        self.graphs[st.active is not None] = graph
+        return graph
+
+    def _restore(self, saved) -> None:
+        positions, slot, length, tokens, executed, pred, first_free = saved
+        st = self.state
+        st.positions.copy_(positions)
+        st.slot.copy_(slot)
+        st.length.copy_(length)
+        st.tokens.copy_(tokens)
+        st.executed.copy_(executed)
+        st.pred.copy_(pred)
+        self.cache.valid[:, :, first_free:] = False
+
+
+def runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int],
+           batch_q: float = 1.0) -> _Runner:
+    """The engine's idle runner for this key (most recently used last), marked busy; a private
+    one while that one is busy (another scheduler holds a batch of the same shape)."""
+    use_graph = engine.use_cuda_graphs and not engine.host_counts and graphs_possible(engine.device)
+    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy, batch_q)
+    runners = engine.__dict__.setdefault("_runners", {})
+    found = runners.pop(key, None)
+    if found is not None and found.busy:
+        runners[key] = found
+        found = None
+        private = True
+    else:
+        private = False
+    if found is None:
+        idle = [k for k, r in runners.items() if not r.busy]             # least recently used first
+        while idle and (len(runners) >= MAX_RUNNERS or
+                        sum(k[0] * k[1] for k in runners) + batch * cache_len > RUNNER_SLOTS):
+            runners.pop(idle.pop(0))
+        found = _Runner(engine, batch, cache_len, tau, skip, use_graph, batch_q)
+    if not private:
+        runners[key] = found
+    found.busy = True
+    return found
+
+
+# -- requests -------------------------------------------------------------------------------------
 
 @dataclass
 class Request:
@@ -67,6 +325,7 @@ class Request:
     finish: str | None = None            # "stop", "length" or "cancelled"
     error: Exception | None = None
     stats: dict = field(default_factory=dict)
+    executed: torch.Tensor | None = None  # [L, prompt + fed tokens] bool, when it ended
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -74,25 +333,33 @@ class Request:
 
 
 class _Seq:
-    """A request as the scheduler runs it: its staging cache while it prefills, then its row."""
+    """A request as the scheduler runs it: its staging cache (and row there) while it
+    prefills, then its row of the running batch."""
 
     def __init__(self, req: Request, device, tok):
         self.req = req
         self.generator = torch.Generator(device=device).manual_seed(req.seed) \
             if req.seed is not None and req.temperature > 0 else None
-        self.deltas = _TextDeltas(tok, 1) if tok is not None else None
+        self.deltas = TextDeltas(tok, 1) if tok is not None else None
         self.staging = None
+        self.srow = 0                       # its row in the staging cache
+        self.slots: torch.Tensor | None = None   # its real tokens' slots there, in order
         self.todo: list[int] = []           # prompt tokens still to prefill
         self.cached_prompt = 0              # taken from the prefix cache
         self.exec_cols: list[torch.Tensor] = []   # [L, n] decisions of its tokens, in order
-        self.logits: torch.Tensor | None = None
         self.row = -1
         self.length = 0                     # its tokens in the running cache
-        self.steps = 0                      # decode steps it was fed in
+        self.extra = 0                      # slots after them fed past its end (sync_every > 1)
+        self.steps = 0                      # decode steps that fed it a token it kept
         self.none_ran = 0                   # over those steps: blocks no row of the batch ran
         self.batch_rows = 0                 # and the active rows summed
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
+
+    @property
+    def deferrable(self) -> bool:
+        """Its next tokens can be chosen on the device, without the host between steps."""
+        return self.req.logits_processor is None
 
 
 class Scheduler:
@@ -100,39 +367,38 @@ class Scheduler:
 
     tau (default the adapter's), skip_layers: as generate(). max_batch: rows of the running
     batch. prefill_chunk: prompt tokens prefilled per iteration, over all waiting requests.
-    batch_q: the batch policy (1: a block runs if any row wants it). Not thread-safe except
-    submit() and Request.cancel(): one thread calls step() (or run())."""
+    batch_q: the batch policy (1: a block runs if any row wants it). sync_every: decode steps
+    between host reads when no row needs the host (1: every step). tok: the tokenizer for the
+    streamed text ("auto": the engine's). Not thread-safe except submit() and
+    Request.cancel(): one thread calls step() (or run()). close() gives the runner back."""
 
     def __init__(self, engine: InferenceModel, tau: float | None = None, skip_layers=None,
-                 max_batch: int = 32, prefill_chunk: int = 256, batch_q: float = 1.0):
-        if engine.lr_config.granularity != "token":
-            raise ValueError("Scheduler: continuous batching needs token granularity; the adapter has "
-                             f"{engine.lr_config.granularity!r} (use generate())")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= BATCH_BUCKETS[-1]:
-            raise ValueError(f"Scheduler: max_batch must be an integer in [1, {BATCH_BUCKETS[-1]}], got {max_batch!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"Scheduler: prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        if not isinstance(batch_q, (int, float)) or not 0.0 < batch_q <= 1.0:
-            raise ValueError(f"Scheduler: batch_q must be in (0, 1], got {batch_q!r}")
+                 max_batch: int = 32, prefill_chunk: int = 256, batch_q: float = 1.0,
+                 sync_every: int = 1, tok="auto"):
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("sync_every", sync_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Scheduler: {name} must be an integer >= 1, got {value!r}")
         self.engine = engine
         self.tau = engine.lr_config.tau if tau is None else check_tau(tau)
         self.skip = engine.skip_set(skip_layers)
-        self.max_batch, self.prefill_chunk, self.batch_q = max_batch, prefill_chunk, float(batch_q)
+        self.batch_q = check_batch_q(batch_q, engine)
+        self.max_batch, self.prefill_chunk, self.sync_every = max_batch, prefill_chunk, sync_every
         self.key = prefix_key(engine, self.tau, self.skip, self.batch_q)
-        self.tok = load_tokenizer(engine)
+        self.tok = load_tokenizer(engine) if tok == "auto" else tok
         self.router_blocks = decode_router_blocks(engine, self.tau, self.skip)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Seq] = deque()
         self._prefilling: list[_Seq] = []
-        self._ready: _Seq | None = None     # prefilled, waiting for room in the batch
+        self._ready: list[_Seq] = []        # prefilled, waiting for room in the batch
         self.rows: list[_Seq | None] = []
-        self.cache = None
-        self.state = None
+        self.runner: _Runner | None = None
         self.S = 0                          # the running cache's next slot (host copy)
+        self._sequences_changed = False
         self._general = torch.Generator(device=engine.device).manual_seed(0)
         self._counters = dict(steps=0, row_steps=0, block_steps=0, none_ran=0, finished=0,
-                              prefill_tokens=0, relayouts=0)
+                              prefill_tokens=0, relayouts=0, host_reads=0)
+        self._time = dict(prefill_s=0.0, decode_s=0.0)
         self._flops = [0.0] * 4             # generated tokens: block, block run, total, total run
 
     # -- the outside --------------------------------------------------------------------------
@@ -144,12 +410,20 @@ class Scheduler:
             self._wake.notify()
 
     @property
+    def cache(self):
+        return None if self.runner is None else self.runner.cache
+
+    @property
+    def state(self):
+        return None if self.runner is None else self.runner.state
+
+    @property
     def running(self) -> int:
         return sum(r is not None for r in self.rows)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting) + len(self._prefilling) + (self._ready is not None)
+        return len(self._waiting) + len(self._prefilling) + len(self._ready)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -164,36 +438,48 @@ class Scheduler:
         with self._wake:
             self._wake.notify_all()
 
+    def close(self) -> None:
+        """Give the runner back to the engine's pool (the scheduler may start another later)."""
+        if self.runner is not None:
+            self.runner.busy = False
+        self.rows, self.runner, self.S = [], None, 0
+
     def stats(self) -> dict:
         c = self._counters
         report = FlopsReport(*self._flops)
-        return {**c, "mean_batch_rows": c["row_steps"] / c["steps"] if c["steps"] else None,
+        return {**c, **self._time, "mean_batch_rows": c["row_steps"] / c["steps"] if c["steps"] else None,
                 "blocks_no_row_ran_pct": 100.0 * c["none_ran"] / c["block_steps"] if c["block_steps"] else None,
                 "generated_total_flops_skipped_pct": report.total_skipped_pct if report.total_flops else None,
                 "generated_block_flops_skipped_pct": report.block_skipped_pct if report.block_flops else None,
                 "generated_flops": dict(zip(("block", "block_run", "total", "total_run"), self._flops)),
                 "batch_q": self.batch_q, "tau": self.tau, "capacity": len(self.rows),
-                "running": self.running, "waiting": self.waiting}
+                "running": self.running, "waiting": self.waiting,
+                "cuda_graph": bool(self.runner is not None and self.runner.graphs),
+                "skipped_block_mode": None if self.runner is None else self.runner.branch_mode}
 
     # -- one iteration ------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> None:
-        """Admit and prefill (bounded), then one decode step of the running batch. A failure
+        """Admit and prefill (bounded), then the decode steps of the running batch. A failure
         ends every sequence it touched with `error` set, and the scheduler goes on."""
+        t0 = time.perf_counter()
         try:
             self._prefill()
         except Exception as e:             # the sequences being prefilled fail; the batch goes on
-            for seq in self._prefilling + ([self._ready] if self._ready else []):
+            for seq in self._prefilling + self._ready:
                 self._end(seq, None, error=e)
-            self._prefilling, self._ready = [], None
+            self._prefilling, self._ready = [], []
+        t1 = time.perf_counter()
+        self._time["prefill_s"] += t1 - t0
         if self.running:
             try:
                 self._decode()
             except Exception as e:
                 for seq in [s for s in self.rows if s is not None]:
                     self._end(seq, None, error=e)
-                self.rows, self.cache, self.state, self.S = [], None, None, 0
+                self.close()
+            self._time["decode_s"] += time.perf_counter() - t1
 
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set, sleeping while there is nothing to do."""
@@ -206,9 +492,9 @@ class Scheduler:
     def _prefill(self) -> None:
         """Start waiting requests while rows are left for them, prefill them in arrival order
         within the iteration's token budget, and join each one prefilled into the batch."""
-        if self._ready is not None and not self._join():
+        if self._ready and not self._join_ready():
             return                         # the batch has no room yet: nothing jumps the queue
-        while len(self._prefilling) + self.running < self.max_batch:
+        while len(self._prefilling) + len(self._ready) + self.running < self.max_batch:
             with self._lock:
                 if not self._waiting:
                     break
@@ -216,150 +502,263 @@ class Scheduler:
             if seq.req.cancelled:
                 self._end(seq, "cancelled")
                 continue
-            self._start(seq)
             self._prefilling.append(seq)
+        for seq in [s for s in self._prefilling if s.req.cancelled]:
+            self._prefilling.remove(seq)
+            self._end(seq, "cancelled")
         budget = self.prefill_chunk
+        done: list[tuple[_Seq, torch.Tensor]] = []
+        group: list[_Seq] = []
+        chunkable = self.engine.lr_config.granularity == "token"   # sequence: decided on the whole prompt
         for seq in list(self._prefilling):
-            if seq.req.cancelled:
-                self._prefilling.remove(seq)
-                self._end(seq, "cancelled")
-                continue
             if budget <= 0:
                 break
-            chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
-            budget -= len(chunk)
-            ids = torch.tensor([chunk], dtype=torch.long, device=self.engine.device)
-            logits, executed = self.engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), seq.staging,
-                                                   self.tau, self.skip)
-            self._counters["prefill_tokens"] += len(chunk)
-            seq.exec_cols.append(executed[:, 0].cpu())
-            if seq.todo:
+            if seq.staging is not None:    # a long prompt under way: its next chunk
+                budget -= self._chunk(seq, budget, done)
                 continue
-            ends = self._emit(seq, self._sample([seq], logits)[0])    # a failure: still listed
+            todo = self._todo(seq)
+            if todo <= budget or not (group or chunkable):   # whole, with the others that fit
+                group.append(seq)
+                budget -= todo
+                continue
+            if not group:                  # starts alone, in chunks
+                self._start([seq])
+                budget -= self._chunk(seq, budget, done)
+            break
+        if group:
+            self._prefill_group(group, done)
+        for seq, logits in done:
             self._prefilling.remove(seq)
-            if ends:
-                self._end(seq, seq.req.finish)
+        if done:
+            tokens = self._sample([s for s, _ in done], torch.stack([lg for _, lg in done]))
+            for (seq, _), token in zip(done, tokens):
+                if seq.req.cancelled:
+                    self._end(seq, "cancelled")
+                elif self._emit(seq, token):
+                    j, slots = seq.srow, seq.slots
+                    self._store(seq, seq.staging.k[:, j].index_select(2, slots),
+                                seq.staging.v[:, j].index_select(2, slots),
+                                seq.staging.valid[:, j].index_select(1, slots))
+                    self._end(seq, seq.req.finish)
+                else:
+                    self._ready.append(seq)
+        if self._ready:
+            self._join_ready()
+
+    def _todo(self, seq: _Seq) -> int:
+        """Prompt tokens it would prefill (after its cached prefix, looked up now)."""
+        pc = self.engine.prefix_cache
+        n = 0 if pc is None else pc.lookup(self.key, seq.req.prompt)[1]
+        return len(seq.req.prompt) - n
+
+    def _start(self, seqs: list[_Seq]) -> Reuse:
+        """One staging cache for these sequences, sized for their whole prompts, each one's
+        prefix restored from the prefix cache."""
+        engine = self.engine
+        prompts = [s.req.prompt for s in seqs]
+        reuse = plan_reuse(engine, prompts, self.key, max(s.req.max_new_tokens for s in seqs))
+        width = reuse.width + max(len(p) for p in reuse.new)
+        staging = engine.new_cache(len(seqs), cache_bucket(width, engine.max_cache_len))
+        restore(staging, reuse)
+        for j, seq in enumerate(seqs):
+            n, u = reuse.counts[j], len(reuse.new[j])
+            seq.staging, seq.srow, seq.cached_prompt = staging, j, n
+            seq.todo = list(reuse.new[j])
+            seq.slots = torch.cat([torch.arange(reuse.width - n, reuse.width),
+                                   torch.arange(width - u, width)]).to(engine.device)
+            if n:
+                seq.exec_cols.append(reuse.entries[j].executed[:, :n].cpu())
+        return reuse
+
+    def _chunk(self, seq: _Seq, budget: int, done: list) -> int:
+        """The next chunk (at most `budget` tokens) of a sequence prefilled alone; returns its size."""
+        chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.engine.device)
+        logits, executed = self.engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), seq.staging,
+                                               self.tau, self.skip)
+        self._counters["prefill_tokens"] += len(chunk)
+        seq.exec_cols.append(executed[:, 0].cpu())
+        if not seq.todo:
+            done.append((seq, logits[0]))
+        return len(chunk)
+
+    def _prefill_group(self, group: list[_Seq], done: list) -> None:
+        """Sequences whose prompts fit the budget, prefilled together (left-padded)."""
+        reuse = self._start(group)
+        ids, mask = left_pad(reuse.new, self.engine.device)
+        logits, executed = self.engine.prefill(ids, mask, group[0].staging, self.tau, self.skip)
+        self._counters["prefill_tokens"] += int(mask.sum())
+        executed = executed.cpu()
+        U = ids.shape[1]
+        for j, seq in enumerate(group):
+            seq.exec_cols.append(executed[:, j, U - len(reuse.new[j]):])
+            seq.todo = []
+            done.append((seq, logits[j]))
+
+    def _join_ready(self) -> bool:
+        """The ready sequences into free rows, in order, the batch laid out again (once for all
+        of them) when it needs rows or slots; False when the first cannot fit until rows leave."""
+        while self._ready:
+            if self._ready[0].req.cancelled:
+                self._end(self._ready.pop(0), "cancelled")
                 continue
-            self._ready = seq
-            if not self._join():
-                return
+            if not self._join(self._ready[0], len(self._ready)):
+                return False
+            self._ready.pop(0)
+        return True
 
-    def _start(self, seq: _Seq) -> None:
-        """A staging cache for the sequence, its prefix restored from the prefix cache."""
-        engine, prompt = self.engine, seq.req.prompt
-        entry, n = (None, 0) if engine.prefix_cache is None else engine.prefix_cache.lookup(self.key, prompt)
-        seq.staging = engine.new_cache(1, cache_bucket(len(prompt), engine.max_cache_len))
-        if n:
-            seq.staging.k[:, 0, :, :n] = entry.k[:, :, :n]
-            seq.staging.v[:, 0, :, :n] = entry.v[:, :, :n]
-            seq.staging.valid[:, 0, :n] = entry.valid[:, :n]
-            seq.staging.seen[0] = n
-            seq.staging.length = n
-            seq.exec_cols.append(entry.executed[:, :n].cpu())
-        seq.cached_prompt = n
-        seq.todo = list(prompt[n:])
-
-    def _join(self) -> bool:
-        """The ready sequence into a free row, the batch laid out again when it needs a row or
-        slots; False when it cannot fit until rows leave."""
-        seq = self._ready
-        n = seq.staging.length
+    def _join(self, seq: _Seq, joining: int) -> bool:
+        n = len(seq.slots)
         live = [s for s in self.rows if s is not None]
-        remaining = max(s.req.max_new_tokens - len(s.req.tokens) for s in live + [seq])
+        remaining = max(s.req.max_new_tokens - len(s.req.tokens) for s in live + self._ready)
         free = [b for b, s in enumerate(self.rows) if s is None]
-        cache_len = 0 if self.cache is None else self.cache.max_len
+        cache_len = 0 if self.runner is None else self.cache.max_len
         if not free or self.S < n or self.S + remaining > cache_len:
-            S = max([n] + [s.length for s in live])
+            S = max([len(s.slots) for s in self._ready] + [s.length for s in live])
             need = S + remaining
             if need > self.engine.max_cache_len:
                 if not live:               # a request longer than the context was let in
                     raise ValueError(f"scheduler: {n} prompt tokens and {remaining} more need {need} "
                                      f"cache slots; the engine holds {self.engine.max_cache_len}")
                 return False
-            rows = min(next(b for b in BATCH_BUCKETS if b >= len(live) + 1), self.max_batch)
-            if free:
-                rows = max(rows, len(self.rows))
+            rows = max(batch_bucket(len(live) + joining, self.max_batch), len(self.rows) if free else 0)
             self._relayout(rows, max(cache_bucket(need, self.engine.max_cache_len), min(cache_len, self.engine.max_cache_len)), S)
             free = [b for b, s in enumerate(self.rows) if s is None]
         b, S, cache, st = free[0], self.S, self.cache, self.state
+        staging, j, slots = seq.staging, seq.srow, seq.slots
         cache.valid[:, b] = False
-        cache.k[:, b, :, S - n:S] = seq.staging.k[:, 0, :, :n]
-        cache.v[:, b, :, S - n:S] = seq.staging.v[:, 0, :, :n]
-        cache.valid[:, b, S - n:S] = seq.staging.valid[:, 0, :n]
-        st.positions[b] = seq.staging.seen[0]
+        cache.k[:, b, :, S - n:S] = staging.k[:, j].index_select(2, slots)
+        cache.v[:, b, :, S - n:S] = staging.v[:, j].index_select(2, slots)
+        cache.valid[:, b, S - n:S] = staging.valid[:, j].index_select(1, slots)
+        if self.runner.sequence:
+            cache.seq_exec[:, b] = staging.seq_exec[:, j]
+            self._sequences_changed = True
+        st.positions[b] = staging.seen[j]
         st.tokens[b] = seq.req.tokens[-1]
-        st.active[b] = True
-        seq.row, seq.length, seq.staging = b, n, None
+        self.runner.active[b] = True
+        seq.row, seq.length, seq.staging, seq.slots = b, n, None, None
         self.rows[b] = seq
-        self._ready = None
         return True
 
     def _relayout(self, capacity: int, cache_len: int, S: int) -> None:
-        """A new running cache of `capacity` rows and `cache_len` slots whose next slot is S:
-        the live rows packed first, each one's slots moved to end at S."""
-        engine = self.engine
-        cache = engine.new_cache(capacity, cache_len)
-        state = engine.decode_state(cache)
-        state.active = torch.zeros(capacity, dtype=torch.bool, device=engine.device)
-        state.batch_q = self.batch_q
+        """Another runner of `capacity` rows and `cache_len` slots whose next slot is S: the
+        live rows packed first, each one's slots moved to end at S."""
+        new = runner(self.engine, capacity, cache_len, self.tau, self.skip, self.batch_q)
+        new.reset(S)
+        cache, state = new.cache, new.state
+        old = self.runner
         rows: list[_Seq | None] = [None] * capacity
         for nb, seq in enumerate(s for s in self.rows if s is not None):
-            b, n = seq.row, seq.length
-            cache.k[:, nb, :, S - n:S] = self.cache.k[:, b, :, self.S - n:self.S]
-            cache.v[:, nb, :, S - n:S] = self.cache.v[:, b, :, self.S - n:self.S]
-            cache.valid[:, nb, S - n:S] = self.cache.valid[:, b, self.S - n:self.S]
-            state.positions[nb] = self.state.positions[b]
-            state.tokens[nb] = self.state.tokens[b]
-            state.active[nb] = True
-            seq.row = nb
+            b, n, end = seq.row, seq.length, self.S - seq.extra
+            cache.k[:, nb, :, S - n:S] = old.cache.k[:, b, :, end - n:end]
+            cache.v[:, nb, :, S - n:S] = old.cache.v[:, b, :, end - n:end]
+            cache.valid[:, nb, S - n:S] = old.cache.valid[:, b, end - n:end]
+            if new.sequence:
+                cache.seq_exec[:, nb] = old.cache.seq_exec[:, b]
+            state.positions[nb] = old.state.positions[b]
+            state.tokens[nb] = old.state.tokens[b]
+            new.active[nb] = True
+            seq.row, seq.extra = nb, 0
             rows[nb] = seq
-        cache.length = S
-        state.slot.fill_(S)
-        state.length.fill_(S + 1)
-        self.cache, self.state, self.rows, self.S = cache, state, rows, S
+        if old is not None:
+            old.busy = False
+        self._sequences_changed = new.sequence
+        self.runner, self.rows, self.S = new, rows, S
         self._counters["relayouts"] += 1
 
     # -- decoding -----------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        if self.S >= self.cache.max_len:   # no slot left: pack the rows (never for a fitting batch)
-            live = [s for s in self.rows if s is not None]
-            self._relayout(len(self.rows), self.cache.max_len, max(s.length for s in live))
-        st = self.state
-        active = st.active
-        if self.running == len(self.rows):      # no padding row: the plain step (route kernel)
-            st.active = None
-        try:
-            self.engine.decode_step(st, self.cache, self.tau, self.skip)
-        finally:
-            st.active = active
-        self.S += 1
         live = [s for s in self.rows if s is not None]
-        executed = st.executed.cpu()
-        active = active.cpu()
-        blocks = [i for i in range(executed.shape[0]) if i not in self.skip]
-        none_ran = int((~(executed[blocks] & active[None]).any(1)).sum())
+        if self.S >= self.cache.max_len:   # no slot left: pack the rows (never for a fitting batch)
+            self._relayout(len(self.rows), self.cache.max_len, max(s.length for s in live))
+        run, st = self.runner, self.state
+        if self._sequences_changed:
+            run.refresh_sequences()
+            self._sequences_changed = False
+        padded = self.running < len(self.rows)
+        k = 1
+        if self.sync_every > 1 and all(s.deferrable for s in live):
+            k = min(self.sync_every, self.cache.max_len - self.S,
+                    max(s.req.max_new_tokens - len(s.req.tokens) for s in live))
+        if k == 1 and not all(s.deferrable for s in live):     # the host picks every row's token
+            run.step(padded)
+            executed = st.executed.cpu()[None]
+            tokens = [self._host_tokens(live, st.logits)]
+        else:
+            execs, picks = [], []
+            for _ in range(k):
+                run.step(padded)
+                nxt = self._device_tokens(live, run)
+                execs.append(st.executed.clone())
+                picks.append(nxt.clone())
+                st.tokens.copy_(nxt)
+            executed = torch.stack(execs).cpu()                 # [k, L, B]
+            tokens = torch.stack(picks).tolist()                # the host read
+        self._counters["host_reads"] += 1
+        self.S += len(tokens)
+        active = run.active.cpu()
+        blocks = [i for i in range(executed.shape[1]) if i not in self.skip]
         c = self._counters
-        c["steps"] += 1
-        c["row_steps"] += len(live)
-        c["block_steps"] += len(blocks)
-        c["none_ran"] += none_ran
-        tokens = self._sample(live, st.logits[[s.row for s in live]])
-        for seq, token in zip(live, tokens):
-            seq.exec_cols.append(executed[:, seq.row:seq.row + 1])
-            seq.length += 1
-            seq.steps += 1
-            seq.none_ran += none_ran
-            seq.batch_rows += len(live)
-            if self._emit(seq, token):
-                self._leave(seq)
-        going = [(s.row, s.req.tokens[-1]) for s in live if s.row >= 0 and self.rows[s.row] is s]
-        if going:
-            rows, toks = zip(*going)
-            st.tokens[list(rows)] = torch.tensor(toks, device=st.tokens.device)
+        left: list[_Seq] = []
+        going = list(live)
+        for s_i, row_tokens in enumerate(tokens):
+            if not going:                  # every row ended in an earlier step of this read
+                break
+            rows = torch.zeros_like(active)
+            rows[[s.row for s in going]] = True
+            none_ran = int((~(executed[s_i][blocks] & rows[None]).any(1)).sum())
+            c["steps"] += 1
+            c["row_steps"] += len(going)
+            c["block_steps"] += len(blocks)
+            c["none_ran"] += none_ran
+            still = []
+            for seq in going:
+                if seq.req.cancelled:      # cancelled since its last token: this one is dropped
+                    seq.req.finish = "cancelled"
+                    seq.extra = len(tokens) - s_i
+                    left.append(seq)
+                    continue
+                seq.exec_cols.append(executed[s_i, :, seq.row:seq.row + 1])
+                seq.length += 1
+                seq.steps += 1
+                seq.none_ran += none_ran
+                seq.batch_rows += len(going)
+                if self._emit(seq, row_tokens[seq.row]):
+                    seq.extra = len(tokens) - s_i - 1
+                    left.append(seq)
+                else:
+                    still.append(seq)
+            going = still
+        for seq in left:
+            self._leave(seq)
+        if len(tokens) == 1 and not all(s.deferrable for s in live) and going:
+            st.tokens[[s.row for s in going]] = torch.tensor([tokens[0][s.row] for s in going],
+                                                             device=st.tokens.device)
         if self.running and self.running <= len(self.rows) // 4:      # a bucket a quarter the size holds them
-            self._relayout(next(b for b in BATCH_BUCKETS if b >= self.running), self.cache.max_len,
+            self._relayout(batch_bucket(self.running, self.max_batch), self.cache.max_len,
                            max(s.length for s in self.rows if s is not None))
+
+    def _device_tokens(self, live: list[_Seq], run: _Runner) -> torch.Tensor:
+        """The next token of every row [B], chosen on the device: the step's greedy argmax,
+        a sampling row's draw from its own generator."""
+        sampling = [s for s in live if s.req.temperature > 0.0]
+        if not sampling:
+            return run.greedy_next
+        nxt = run.greedy_next.clone()
+        for seq in sampling:
+            r = seq.req
+            nxt[seq.row] = sample(run.state.logits[seq.row:seq.row + 1], r.temperature, r.top_k, r.top_p,
+                                  seq.generator or self._general)[0]
+        return nxt
+
+    def _host_tokens(self, live: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """The next token per row (a list over the batch's rows; padding rows 0), each live
+        row's from its own parameters after its logits processor."""
+        out = [0] * logits.shape[0]
+        for seq, token in zip(live, self._sample(live, logits[[s.row for s in live]])):
+            out[seq.row] = token
+        return out
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """Each sequence's next token from its row of logits [n, vocab], with its own parameters."""
@@ -396,20 +795,26 @@ class Scheduler:
 
     def _leave(self, seq: _Seq) -> None:
         self.rows[seq.row] = None
-        self.state.active[seq.row] = False
-        self._store(seq)
+        self.runner.active[seq.row] = False
+        if self.runner.sequence:
+            self.cache.seq_exec[:, seq.row] = False
+            self._sequences_changed = True
+        b, end, n = seq.row, self.S - seq.extra, seq.length
+        cache = self.cache
+        self._store(seq, cache.k[:, b, :, end - n:end], cache.v[:, b, :, end - n:end],
+                    cache.valid[:, b, end - n:end])
         self._end(seq, seq.req.finish)
 
-    def _store(self, seq: _Seq) -> None:
-        """The sequence's K/V (prompt and the tokens decode fed) into the engine's prefix cache."""
+    def _store(self, seq: _Seq, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        """The sequence's K/V (prompt and the tokens decode fed: k, v [L, Hkv, n, hd], valid
+        [L, n], in order) into the engine's prefix cache."""
         pc, r = self.engine.prefix_cache, seq.req
-        if pc is None or seq.length > pc.max_tokens:
+        n = valid.shape[1]
+        if pc is None or n > pc.max_tokens:
             return
-        b, S, n = seq.row, self.S, seq.length
         fed = r.tokens[:n - len(r.prompt)]
         pc.store(self.key, prefix_cache_mod.Entry(
-            tokens=tuple(r.prompt) + tuple(fed), k=self.cache.k[:, b, :, S - n:S].clone(),
-            v=self.cache.v[:, b, :, S - n:S].clone(), valid=self.cache.valid[:, b, S - n:S].clone(),
+            tokens=tuple(r.prompt) + tuple(fed), k=k.clone(), v=v.clone(), valid=valid.clone(),
             executed=torch.cat(seq.exec_cols, dim=1)))
 
     def _end(self, seq: _Seq, finish: str | None, error: Exception | None = None) -> None:
@@ -417,15 +822,16 @@ class Scheduler:
         r.finish = r.finish or finish or ("error" if error else None)
         r.error = error
         if error is None and seq.exec_cols:
-            r.stats = self._seq_stats(seq)
+            r.executed = torch.cat(seq.exec_cols, dim=1)
+            r.stats = self._seq_stats(seq, r.executed)
         self._counters["finished"] += 1
         if r.on_done is not None:
             r.on_done(r)
 
-    def _seq_stats(self, seq: _Seq) -> dict:
+    def _seq_stats(self, seq: _Seq, executed: torch.Tensor) -> dict:
         """Skip statistics of one finished sequence, as generate() gives them for one row."""
         engine, r = self.engine, seq.req
-        executed = torch.cat(seq.exec_cols, dim=1)[:, None]           # [L, 1, prompt + steps]
+        executed = executed[:, None]                                  # [L, 1, prompt + steps]
         n_prompt = len(r.prompt)
         valid = torch.ones(1, executed.shape[2], dtype=torch.bool)
         report = flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), valid)
@@ -451,4 +857,4 @@ class Scheduler:
         }
 
 
-__all__ = ["Request", "Scheduler", "BATCH_BUCKETS", "MIN_BUCKET"]
+__all__ = ["Request", "Scheduler", "MIN_BUCKET", "cache_bucket", "batch_bucket"]

@@ -117,7 +117,7 @@ def test_prefix_cache_hits_equal_uncached_runs(routed, kv_policy, merge):
 def test_prefill_after_restored_prefixes_equals_full_prefill(routed, kv_policy):
     """The logits and decisions of a prefill after cached prefixes of unequal lengths (a batch
     of two, each left-padded apart) equal those of prefilling the whole prompts."""
-    from layerroute_rt.generate import _plan_reuse, _restore, _batch
+    from layerroute_rt.scheduler import left_pad as _batch, plan_reuse as _plan_reuse, restore as _restore
 
     _with(routed, kv_policy=kv_policy)
     engine = lr.InferenceModel(routed)

@@ -109,12 +109,12 @@ def test_agent_loop_with_tools_and_the_prefix_cache(real_model):
 def test_streamed_text_of_multibyte_characters(real_model):
     """Byte-level BPE splits a character over tokens: the stream gives it whole, once, and the
     pieces join to the text."""
-    from layerroute_rt.generate import _TextDeltas
+    from layerroute_rt.sampling import TextDeltas
 
     tok = load_tokenizer(lr.engine_for(real_model))
     text = "naïve café, 東京 and 🚀!"
     ids = tok.encode(text, add_special_tokens=False)
-    deltas = _TextDeltas(tok, 1)
+    deltas = TextDeltas(tok, 1)
     pieces = [deltas.push(0, t, i == len(ids) - 1) for i, t in enumerate(ids)]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert len(ids) > len([p for p in pieces if p])          # some tokens were held back

@@ -1,7 +1,8 @@
 """The continuous-batching scheduler (layerroute_rt/scheduler.py) and the decode step's padding
 rows and batch policy (engine.DecodeState.active, batch_q), on the bundled demo model: requests
 that join a running batch at different steps get generate()'s greedy tokens, one at a time;
-short ones leave first; long prompts prefill in chunks; a seeded request's tokens do not depend
+short ones leave first; long prompts prefill in chunks; sequence granularity keeps each
+request's prefill decisions; a seeded request's tokens do not depend
 on its companions; a per-row logits processor; cancel; padding rows run nothing and write
 nowhere; the policy at q = 1 is today's step, at q < 1 it skips a block for the whole batch
 exactly when the routers' votes say so."""
@@ -137,11 +138,26 @@ def test_cancel_and_eos_end_a_sequence(engine, prompts):
     assert gone.finish == "cancelled" and len(gone.tokens) < 20 and seen == gone.tokens
 
 
-def test_sequence_granularity_is_refused():
+def test_sequence_granularity_joins_and_leaves_with_its_prefill_decisions(prompts):
+    """Under `sequence` granularity each request's blocks are decided once, at its prefill; rows
+    that join a running batch keep them (padding rows hold none): the tokens equal each request
+    alone, and every decode column of a request repeats its decisions."""
     model = lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter")
     model.lr_config = dataclasses.replace(model.lr_config, granularity="sequence")
-    with pytest.raises(ValueError, match="token granularity"):
-        Scheduler(lr.InferenceModel(model))
+    engine = lr.InferenceModel(model, prefix_cache=False)
+    lens = [12, 3, 9, 5]
+    expected = [alone(engine, p, n) for p, n in zip(prompts, lens)]
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=8)     # a prompt is never chunked here
+    reqs = [Request(prompt=p, max_new_tokens=n) for p, n in zip(prompts, lens)]
+    drain(sched, reqs, join_at=(2, 2))
+    assert [r.tokens for r in reqs] == [list(t) for t in expected]
+    skipped = 0
+    for r in reqs:
+        decode = r.executed[:, len(r.prompt):]
+        assert decode.shape[1] == len(r.tokens) - 1
+        assert torch.equal(decode, decode[:, :1].expand_as(decode))
+        skipped += int((~decode[:, 0]).sum())
+    assert skipped > 0                         # the routers did skip blocks for some request
 
 
 # -- the decode step: padding rows and the batch policy ---------------------------------------------
