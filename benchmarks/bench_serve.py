@@ -123,12 +123,12 @@ def wait_listening(url: str, server: subprocess.Popen) -> None:
     raise RuntimeError("bench_serve: the server did not start within 300 s")
 
 
-def requests_for(clients: int) -> int:
-    return len(LENGTHS) * max(2, clients // 2)
+def requests_for(clients: int, rounds: int = 2) -> int:
+    return len(LENGTHS) * max(rounds, clients // 2)
 
 
-def level(client, url: str, model: str, clients: int) -> dict:
-    n = requests_for(clients)
+def level(client, url: str, model: str, clients: int, rounds: int = 2) -> dict:
+    n = requests_for(clients, rounds)
     before = scheduler_counters(url)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -226,8 +226,13 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--batch-q", type=float, default=1.0)
     p.add_argument("--skip-scenarios", action="store_true", help="only the concurrency levels")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"output lengths cycled over a level's requests "
+                   f"(default {LENGTHS}; shorter for a large model on a CPU)")
+    p.add_argument("--rounds", type=int, default=2, help="a level sends len(lengths) x max(rounds, clients // 2) requests")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load_cpu.json"))
     args = p.parse_args(argv)
+    if args.lengths:
+        LENGTHS[:] = args.lengths
     bundled = args.model is None
     name = "layerroute-demo" if bundled else Path(args.model).name
     port = free_port()
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
         wait_listening(url, server)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
         stream_request(client, name, "warmup", 0, 8)
-        levels = [level(client, url, name, c) for c in args.levels]
+        levels = [level(client, url, name, c, args.rounds) for c in args.levels]
         base = next((r for r in levels if r["clients"] == 1), None)
         for r in levels:
             r["throughput_vs_one_client"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
