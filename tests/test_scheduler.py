@@ -251,3 +251,21 @@ def test_generate_batch_policy(engine):
     assert half.stats["decode_blocks_no_row_ran_pct"] == pytest.approx(100.0 * (~ran).float().mean().item())
     with pytest.raises(ValueError, match="batch_q"):
         lr.generate(engine, texts, batch_q=0.0, **kw)
+
+
+def test_a_requests_skip_stats_equal_generates(engine, prompts):
+    """A request's FLOPs figures and decisions are generate()'s for the same prompt alone, and
+    the scheduler's totals over one request are that request's (the generated-FLOPs counters)."""
+    out = lr.generate(engine, [prompts[0]], max_new_tokens=24, eos_token_id=None)
+    sched = Scheduler(engine, max_batch=2)
+    req = Request(prompt=prompts[0], max_new_tokens=24)
+    drain(sched, [req])
+    assert req.tokens == out.tokens[0]
+    T = len(prompts[0])
+    assert torch.equal(req.executed, out.executed[:, 0, :T + len(req.tokens) - 1])
+    for key in ("generated_total_flops_skipped_pct", "generated_block_flops_skipped_pct",
+                "total_flops_skipped_pct", "block_flops_skipped_pct"):
+        assert req.stats[key] == pytest.approx(out.stats[key], abs=1e-9), key
+    assert sched.stats()["generated_total_flops_skipped_pct"] == pytest.approx(
+        out.stats["generated_total_flops_skipped_pct"], abs=1e-9)
+    assert out.stats["generated_total_flops_skipped_pct"] > 5          # the demo routers skip
