@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -475,10 +476,72 @@ def stage_stepeval(args) -> None:
     print(json.dumps(report, indent=1)[:4000])
 
 
+def stage_reqtime(args) -> None:
+    """Whole-request time and FLOPs at batch 1: --reqtime-cases validation-pool cases per
+    tool-call category (kept aside from the held-out eval), each generated for exactly
+    --reqtime-tokens tokens (no EOS, so both settings decode the same number of steps) with the
+    adapter at its tau ("routed") and at tau 0 (the same weights, every block run), interleaved
+    per case and repeated --reqtime-repeats times; per case the median prefill ms, decode ms per
+    step and whole-request ms of each setting, and the FLOPs skipped on the prompt, the
+    generated tokens and the whole request."""
+    from layerroute_rt.bfcl_eval import prompt_flops, render_prompt
+    from layerroute_rt.generate import load_tokenizer
+    data_dir = real_model.fetch_bfcl()
+    validation, _ = eval_splits(args.work, data_dir)
+    adapter = args.adapter or args.work / args.run / "adapter"
+    model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
+    engine = lr.InferenceModel(model, prefix_cache=False)
+    tok = load_tokenizer(engine)
+    tau = model.lr_config.tau if args.tau is None else args.tau
+    cases = [c for cat in TOOL_CATEGORIES for c in validation[cat][:args.reqtime_cases]]
+    n = args.reqtime_tokens
+    lr.generate(engine, [render_prompt(tok, cases[0])], max_new_tokens=4, eos_token_id=None)   # warm
+    rows = []
+    for case in cases:
+        prompt = render_prompt(tok, case)
+        runs = {"routed": [], "dense": []}
+        for _ in range(args.reqtime_repeats):
+            for setting, t in (("routed", tau), ("dense", 0.0)):
+                out = lr.generate(engine, [prompt], max_new_tokens=n, eos_token_id=None, tau=t)
+                st = out.stats
+                runs[setting].append(dict(prefill_ms=st["prefill_ms"], decode_ms_per_step=st["decode_ms_per_step"],
+                                          request_ms=st["prefill_ms"] + st["decode_ms_per_step"] * st["decode_steps"],
+                                          out=out))
+        med = {s: {k: statistics.median(r[k] for r in v) for k in ("prefill_ms", "decode_ms_per_step", "request_ms")}
+               for s, v in runs.items()}
+        out = runs["routed"][0]["out"]
+        T = len(prompt)
+        pf = prompt_flops(engine, out.executed, out.valid, T)
+        gen = out.stats["generated_total_flops_skipped_pct"]
+        rows.append({"id": case.id, "prompt_tokens": T, "new_tokens": n, **{f"{s}_{k}": v for s, m in med.items()
+                                                                             for k, v in m.items()},
+                     "prompt_total_flops_skipped_pct": pf.total_skipped_pct,
+                     "generated_total_flops_skipped_pct": gen,
+                     "request_total_flops_skipped_pct": out.stats["total_flops_skipped_pct"]})
+        print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+
+    def saved(key):
+        r = sum(x[f"routed_{key}"] for x in rows)
+        d = sum(x[f"dense_{key}"] for x in rows)
+        return 100.0 * (1 - r / d)
+    report = {"adapter": str(adapter), "tau": tau, "cases": rows,
+              "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:]),
+              "device": f"cpu, {torch.get_num_threads()} threads, float32, batch 1",
+              "summary": {"prefill_time_saved_pct": saved("prefill_ms"),
+                          "decode_time_saved_pct": saved("decode_ms_per_step"),
+                          "request_time_saved_pct": saved("request_ms"),
+                          "prompt_total_flops_skipped_pct": statistics.mean(x["prompt_total_flops_skipped_pct"] for x in rows),
+                          "generated_total_flops_skipped_pct": statistics.mean(x["generated_total_flops_skipped_pct"] for x in rows),
+                          "request_total_flops_skipped_pct": statistics.mean(x["request_total_flops_skipped_pct"] for x in rows)}}
+    out_path = args.out or args.work / args.run / "request_time.json"
+    checkpoint.atomic_write_json(out_path, report)
+    print(json.dumps(report["summary"], indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau",
-                                      "valueskip", "heldout"))
+                                      "valueskip", "heldout", "reqtime"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -522,12 +585,15 @@ def main(argv=None) -> int:
                    help="heldout: the settings, in the order run")
     p.add_argument("--tau", type=float, default=None, help="heldout: routing tau (default: the adapter's)")
     p.add_argument("--batch-q", type=float, default=1.0, help="heldout: the routed setting's batch policy")
+    p.add_argument("--reqtime-cases", type=int, default=1, help="reqtime: validation cases per tool-call category")
+    p.add_argument("--reqtime-tokens", type=int, default=32, help="reqtime: tokens generated per request")
+    p.add_argument("--reqtime-repeats", type=int, default=2, help="reqtime: interleaved repeats per case")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
      "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip,
-     "heldout": stage_heldout}[args.stage](args)
+     "heldout": stage_heldout, "reqtime": stage_reqtime}[args.stage](args)
     return 0
 
 
