@@ -406,7 +406,9 @@ def stage_heldout(args) -> None:
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
-    for category, cases in heldout.items():          # category by category: paired as it goes
+    order = args.categories or list(heldout)
+    for category in order:                           # category by category: paired as it goes
+        cases = heldout[category]
         for setting in args.settings:
             if category in report["runs"].get(setting, {}):
                 continue
@@ -584,6 +586,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=["base", "routed", "lora"],
                    help="heldout: the settings, in the order run")
     p.add_argument("--tau", type=float, default=None, help="heldout: routing tau (default: the adapter's)")
+    p.add_argument("--categories", nargs="+", choices=list(HELDOUT600), default=None,
+                   help="heldout: the categories to run now, in this order (default: all, in HELDOUT600's)")
     p.add_argument("--batch-q", type=float, default=1.0, help="heldout: the routed setting's batch policy")
     p.add_argument("--reqtime-cases", type=int, default=1, help="reqtime: validation cases per tool-call category")
     p.add_argument("--reqtime-tokens", type=int, default=32, help="reqtime: tokens generated per request")
