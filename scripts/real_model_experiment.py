@@ -350,7 +350,8 @@ def eval_splits(work: Path, data_dir: Path) -> tuple[dict, dict]:
 
 
 def paired_summary(report: dict) -> dict:
-    """Per category and over all (and over the six tool-call categories): accuracy of each
+    """Per category, over all, over the six tool-call categories and over the categories every
+    setting has completed ("completed", with its "categories"): accuracy of each
     setting, the FLOPs skipped (generated, prompt, whole request), and the paired comparisons
     routed - base, lora - base and routed - lora (layerroute_rt.paired)."""
     from layerroute_rt.flops import FlopsReport
@@ -359,10 +360,15 @@ def paired_summary(report: dict) -> dict:
     groups = {c: [c] for c in HELDOUT600}
     groups["tool_calls"] = list(TOOL_CATEGORIES)
     groups["all"] = list(HELDOUT600)
+    # while it runs: the categories every setting has finished
+    groups["completed"] = [c for c in HELDOUT600 if all(c in runs.get(s, {}) for s in ("base", "routed", "lora"))]
     out = {}
     for name, cats in groups.items():
         row = {}
         records = {}
+        if not cats:
+            out[name] = row
+            continue
         for setting, by_cat in runs.items():
             if not all(c in by_cat for c in cats):
                 continue
@@ -384,6 +390,7 @@ def paired_summary(report: dict) -> dict:
                 row[f"{a}-{b}"] = compare([records[a][i]["correct"] for i in ids],
                                           [records[b][i]["correct"] for i in ids])
         out[name] = row
+    out["completed"]["categories"] = groups["completed"]
     return out
 
 
