@@ -1,0 +1,94 @@
+"""The accuracy / FLOPs trade-off of a paired BFCL eval (scripts/real_model_experiment.py
+heldout): for each setting against the frozen base, the paired difference in accuracy (points,
+with its bootstrap 95% CI) against the % of whole-request total FLOPs skipped (prompt plus
+generated tokens), and the same for the prompt and the generated tokens alone.
+
+    python scripts/plot_tradeoff.py EVAL.json [EVAL.json ...] --group completed --out tradeoff.png
+
+Each EVAL.json adds its settings' points, labelled by its adapter, tau and batch policy. The
+group is a key of the eval's summary (a category, "tool_calls", "all", or "completed": the
+categories every setting finished).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def points(report: dict, group: str) -> list[dict]:
+    """One point per setting other than base: the paired difference and the FLOPs skipped."""
+    row = report["summary"].get(group)
+    if not row or "base" not in row:
+        raise ValueError(f"plot_tradeoff: the eval's summary has no {group!r} group with a base setting "
+                         f"(groups: {sorted(report['summary'])})")
+    tau = report["tau"] if report.get("tau") is not None else report.get("layerroute_config", {}).get("tau")
+    label = f"adapter {Path(report['adapter']).name}, tau {tau}, q {report.get('batch_q', 1.0)}, " \
+            f"batch {report.get('batch_size', 8)}"
+    out = [{"setting": "base", "label": label, "diff": 0.0, "ci": [0.0, 0.0], "n": row["base"]["n"],
+            **{k: row["base"][f"{k}_total_flops_skipped_pct"] for k in ("request", "prompt", "generated")}}]
+    for setting in ("lora", "routed"):
+        if setting in row and f"{setting}-base" in row:
+            c = row[f"{setting}-base"]
+            out.append({"setting": setting, "label": label, "diff": c["diff_points"], "ci": c["ci95_points"],
+                        "n": c["n"], "gains": c["gains"], "losses": c["losses"], "p": c["sign_test_p"],
+                        **{k: row[setting][f"{k}_total_flops_skipped_pct"] for k in ("request", "prompt", "generated")}})
+    return out
+
+
+def plot(all_points: list[dict], group: str, out: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    colors = {"base": "black", "lora": "tab:blue", "routed": "tab:red"}
+    for ax, part in zip(axes, ("request", "prompt", "generated")):
+        for p in all_points:
+            lo, hi = p["ci"]
+            ax.errorbar(p[part], p["diff"], yerr=[[p["diff"] - lo], [hi - p["diff"]]], fmt="o", capsize=4,
+                        color=colors[p["setting"]])
+            text = p["setting"] if p["setting"] == "base" else \
+                f"{p['setting']} {p['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]\n{p['gains']} gained / {p['losses']} lost"
+            ax.annotate(text, (p[part], p["diff"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.axhline(-2.0, color="gray", linestyle="--", linewidth=0.8)
+        ax.axhline(0.0, color="gray", linewidth=0.5)
+        ax.set_xlabel(f"% total FLOPs skipped ({part}{' tokens' if part != 'request' else ': prompt + generated'})")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.4)
+    axes[0].set_ylabel("accuracy - base (points, paired bootstrap 95% CI)")
+    n = all_points[0]["n"]
+    fig.suptitle(f"BFCL held-out, group {group!r} ({n} paired cases); {all_points[0]['label']}; "
+                 "dashed: the -2 point bound", fontsize=10)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("evals", nargs="+", type=Path)
+    p.add_argument("--group", default="completed")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    pts = []
+    for path in args.evals:
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"plot_tradeoff: cannot read {path}: {e}")
+        pts += points(report, args.group)
+    plot(pts, args.group, args.out)
+    print(json.dumps(pts, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
