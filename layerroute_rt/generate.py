@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from . import grammar
 from .config import check_tau
 from .engine import InferenceModel
 from .flops import flops_report
@@ -223,7 +224,8 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, stop, sync_every, see
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
              stream: bool = False, seed: int | None = None, eos_token_id="auto",
-             chat_template: bool = True, sync_every: int = 8, tools=None, batch_q: float = 1.0):
+             chat_template: bool = True, sync_every: int = 8, tools=None, batch_q: float = 1.0,
+             response_format=None, tool_choice=None, parallel_tool_calls: bool = True):
     """Generate up to `max_new_tokens` per sequence with true skipping.
 
     model: an InferenceModel, or a LayerRouteModel, whose engine is built on the first call and
@@ -244,6 +246,12 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     every token. stream=True returns a GenerationStream (see its docstring). batch_q < 1 is
     the batch policy (DESIGN.md section 6): in a decode step a block is skipped for every row
     when at least that fraction of the rows would skip it (1: a block runs if any row wants it).
+    Constrained decoding (layerroute_rt.grammar, xgrammar): response_format ({"type":
+    "json_object"} or {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}})
+    or tool_choice with tools ("auto", "required" or a named function {"type": "function",
+    "function": {"name": ...}}; parallel_tool_calls=False: one call at most) masks each
+    sequence's logits with its grammar before sampling; tool_choice "none" renders no tools.
+    A constrained batch reads its tokens on the host every step.
 
     Returns a GenerateOutput, with tool_calls parsed from each text (toolcalls.parse_tool_calls)
     and finish_reasons; its stats: prefill_ms, decode_ms_per_step (one token for each
@@ -271,7 +279,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     tau = engine.lr_config.tau if tau is None else check_tau(tau)
     skip = engine.skip_set(skip_layers)
     batch_q = check_batch_q(batch_q, engine)
-    prompts = encode_prompts(prompts, engine, chat_template, tools)
+    spec = grammar.constraint_spec(response_format, tools, tool_choice, parallel_tool_calls)
+    prompts = encode_prompts(prompts, engine, chat_template, None if tool_choice == "none" else tools)
     _check_prompts(prompts, engine.config.vocab_size)
     T = max(len(p) for p in prompts)
     if T + max_new_tokens > engine.max_cache_len:
@@ -283,6 +292,10 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     tok = load_tokenizer(engine)
     if stop and tok is None:
         raise ValueError(f"generate: stop strings need the checkpoint's tokenizer: {_no_tokenizer(engine)}")
+    if spec is not None and not eos:
+        raise ValueError("generate: response_format and tool_choice need an EOS token (eos_token_id) to end "
+                         "a sequence whose grammar is complete")
+    compiled = grammar.compile_constraint(engine, tok, eos, spec)
     pending: list[deque] = [deque() for _ in prompts]     # tokens not yet given to the stream
 
     def on_token(b: int):
@@ -293,7 +306,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
         return told
 
     requests = [Request(prompt=p, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                        top_p=top_p, seed=None if seed is None else seed + b, eos=eos, on_token=on_token(b))
+                        top_p=top_p, seed=None if seed is None else seed + b, eos=eos, on_token=on_token(b),
+                        logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled))
                 for b, p in enumerate(prompts)]
     sched = Scheduler(engine, tau=tau, skip_layers=sorted(skip), max_batch=len(prompts),
                       prefill_chunk=sum(len(p) for p in prompts), batch_q=batch_q,

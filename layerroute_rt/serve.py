@@ -3,29 +3,27 @@
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /health.
 
 What holds:
-* One worker thread owns the engine (it is not thread-safe). Each time it is free it takes every
-  request queued at that moment (after waiting `batch_window_s` for stragglers) and runs those
-  with the same sampling parameters as one batch through `generate(stream=True)`: greedy
-  requests together whatever their seed and top_p, sampled ones by (temperature, top_p), a
-  seeded sampled request alone (its output then depends on its seed only). This is batching per
-  arrival wave, not continuous batching: a request that arrives while a batch runs waits for it.
-* Stop conditions are per request, applied by the worker on each step's tokens: EOS (unless the
-  `ignore_eos` extension is set), the request's stop strings (the content is cut before the stop
-  string, as OpenAI does) and its max_tokens; a sequence that meets one is ended with
-  `GenerationStream.cancel`, so one batch serves requests with different limits. A client that
-  disconnects has its sequence cancelled at the next step.
-* A request's final response (or final stream chunk) is sent when its batch ends: usage
-  (prompt, completion and cached prompt tokens from the engine's prefix cache, which all
-  requests share) and the skip statistics (the `layerroute` field, for this sequence) come from
-  the batch's GenerateOutput. Streamed text is sent as it is made, held back only by as many
-  characters as the longest stop string could still need.
+* One worker thread owns the engine and runs its scheduler (layerroute_rt.scheduler: continuous
+  batching): a request joins the running batch at the next iteration and leaves it when it
+  ends; each row samples with its own temperature, top_p and seed.
+* Stop conditions are per request: EOS (unless the `ignore_eos` extension is set), the
+  request's stop strings (the content is cut before the stop string, as OpenAI does) and its
+  max_tokens. A client that disconnects has its sequence cancelled at the next step.
+* A request's final response (or final stream chunk) is sent when its sequence ends, with usage
+  (prompt, completion and cached prompt tokens from the engine's prefix cache) and its skip
+  statistics (the `layerroute` field). Streamed text is sent as it is made, held back only by
+  as many characters as the longest stop string could still need.
 * Tools go through the checkpoint's chat template; tool_choice "none" renders none, a named
-  function renders only that one (the output is not constrained to call it). Tool calls are
-  parsed from the whole text (toolcalls.parse_tool_calls) when the sequence ends; a request with
-  tools therefore streams its answer in one delta at the end. Calls that do not parse are left
-  in the content.
+  function renders only that one. Constrained decoding (layerroute_rt.grammar, xgrammar):
+  tool_choice "required" or a named function makes the answer calls (in the template's
+  <tool_call> format, arguments following their schemas), parallel_tool_calls false allows one
+  call at most, and response_format json_object / json_schema makes it JSON; the grammar is
+  compiled (cached) on a thread-pool thread, a bad schema is a 400. Tool calls are parsed from
+  the whole text (toolcalls.parse_tool_calls) when the sequence ends; a request with tools
+  therefore streams its answer in one delta at the end. Calls that do not parse are left in the
+  content.
 * Bad input is a 400 with an OpenAI error body naming the field; a fault while generating is a
-  500 body for that batch's requests, and the worker goes on. Without `api_key`, no key is
+  500 body for the requests it touched, and the worker goes on. Without `api_key`, no key is
   checked; with one, /v1/* needs `Authorization: Bearer KEY` (401 otherwise).
 """
 from __future__ import annotations
@@ -51,6 +49,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import InferenceModel
+from . import grammar
 from .generate import _eos_ids, encode_prompts, load_tokenizer
 from .scheduler import Request as SequenceRequest
 from .scheduler import Scheduler
@@ -174,18 +173,21 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = None
     logprobs: bool | None = None
+    parallel_tool_calls: bool = Field(default=True, strict=True)
+    response_format: dict | None = None
     ignore_eos: bool = False          # extension (as vLLM's): generate up to max_tokens
 
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice(cls, v):
-        """"none", "auto", {"type": "function", "function": {"name": str}}, or None."""
-        if v is None or v in ("none", "auto"):
+        """"none", "auto", "required", {"type": "function", "function": {"name": str}} (kept as
+        the name), or None."""
+        if v is None or v in ("none", "auto", "required"):
             return v
         if isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict) \
                 and isinstance(v["function"].get("name"), str):
             return v["function"]["name"]
-        raise ValueError("must be 'none', 'auto' or {'type': 'function', 'function': {'name': ...}}")
+        raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
 
     @field_validator("stop")
     @classmethod
@@ -255,7 +257,7 @@ def _tools(req: ChatCompletionRequest) -> list[dict] | None:
     if not req.tools or req.tool_choice == "none":
         return None
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    if req.tool_choice in (None, "auto"):
+    if req.tool_choice in (None, "auto", "required"):
         return tools
     named = [t for t in tools if t["function"]["name"] == req.tool_choice]
     if not named:
@@ -281,6 +283,7 @@ class Job:
     parse_tools: bool
     stream: bool
     loop: asyncio.AbstractEventLoop
+    logits_processor: object = None  # the request's grammar (grammar.GrammarProcessor), or None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     request: SequenceRequest | None = None
     text: str = ""
@@ -396,7 +399,7 @@ class Worker:
 
         job.request = SequenceRequest(prompt=job.prompt, max_new_tokens=job.max_tokens,
                               temperature=job.temperature, top_p=job.top_p, seed=job.seed, eos=job.eos,
-                              on_token=job.feed, on_done=done)
+                              on_token=job.feed, on_done=done, logits_processor=job.logits_processor)
         self.scheduler.submit(job.request)
 
 
@@ -436,6 +439,30 @@ class Server:
             tok = self._local.tok = copy.deepcopy(self.tok)
         return encode_prompts([messages], self.engine, tools=tools, tok=tok)[0]
 
+    def _grammar(self, req: ChatCompletionRequest, tools):
+        """The request's grammar (response_format, or tool_choice "required" / named, or
+        "auto" constraining the calls to their schemas) as a fresh matcher, or None; a bad spec
+        or schema is a 400 naming its field."""
+        choice = req.tool_choice
+        if choice is not None and choice not in ("none", "auto", "required"):
+            choice = {"type": "function", "function": {"name": choice}}
+        if req.parallel_tool_calls is False and tools is not None and choice in (None, "auto"):
+            choice = "auto"              # at most one call: the calls are constrained
+        elif choice == "auto" or choice is None:
+            choice = None                # free text, parsed for calls (as before)
+        try:
+            spec = grammar.constraint_spec(req.response_format, tools, choice, req.parallel_tool_calls)
+            if spec is not None and req.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a constrained answer")
+            compiled = grammar.compile_constraint(self.engine, self.tok, self.eos, spec)
+        except ValueError as e:
+            text = str(e)
+            field_name = "response_format" if text.startswith("response_format") else \
+                "tool_choice" if text.startswith("tool_choice") else "tools" if text.startswith("tools") else \
+                "parallel_tool_calls" if text.startswith("parallel_tool_calls") else "ignore_eos"
+            raise APIError(400, _printable(e), param=field_name, code="invalid_value") from e
+        return None if compiled is None else grammar.GrammarProcessor(compiled)
+
     async def job(self, req: ChatCompletionRequest) -> Job:
         """The request checked and tokenized, as a Job (APIError 400 on bad input, 404 for
         another model)."""
@@ -474,8 +501,9 @@ class Server:
             raise APIError(400, f"{p}: the prompt has {len(prompt)} tokens and {p} is {asked}: "
                                 f"{len(prompt) + asked} > the context of {limit} tokens", param=p,
                            code="context_length_exceeded")
+        processor = await run_in_threadpool(self._grammar, req, tools)     # compiled off the loop
         temperature = 1.0 if req.temperature is None else req.temperature
-        return Job(prompt=prompt, max_tokens=asked or min(self.default_max_tokens, limit - len(prompt)),
+        return Job(logits_processor=processor, prompt=prompt, max_tokens=asked or min(self.default_max_tokens, limit - len(prompt)),
                    temperature=temperature, top_p=None if req.top_p in (None, 1.0) else req.top_p,
                    seed=req.seed, stop=req.stop or [], eos=frozenset() if req.ignore_eos else self.eos,
                    parse_tools=tools is not None, stream=req.stream, loop=asyncio.get_running_loop())
