@@ -3,8 +3,9 @@ decode step with every row constrained against none, at batch 1 and 8, interleav
 
     python benchmarks/bench_grammar.py [--model DIR] [--steps 32] [--repeats 5] [--out FILE]
 
-Each run decodes exactly --steps tokens per row (no EOS). Constrained rows follow a JSON schema
-with one unbounded string field, so that no row's grammar completes inside the run. The
+Each run decodes exactly --steps tokens per row (no EOS; checked). Constrained rows follow a
+JSON schema whose one string field has a minLength of 400 characters, so that no row's grammar
+completes inside the run. The
 constrained step includes what the mask brings with it: the matcher's bitmask per row, its
 application to the logits, and the host read of every step's tokens (an unconstrained batch
 chooses its tokens on the device and reads them every 8 steps).
@@ -31,17 +32,22 @@ from layerroute_rt.cli import DEMO_DIR  # noqa: E402
 from layerroute_rt.generate import encode_prompts, load_tokenizer  # noqa: E402
 from layerroute_rt.scheduler import Request, Scheduler  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 400}}, "required": ["story"]}
 
 
 def run(engine, prompts, compiled, steps: int) -> float:
     """Decode ms per step of one batch: every row constrained by `compiled`, or none."""
     sched = Scheduler(engine, max_batch=len(prompts), prefill_chunk=sum(map(len, prompts)), sync_every=8)
-    for p in prompts:
-        sched.submit(Request(prompt=p, max_new_tokens=steps + 1,
-                             logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled)))
+    reqs = [Request(prompt=p, max_new_tokens=steps + 1,
+                    logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled))
+            for p in prompts]
+    for r in reqs:
+        sched.submit(r)
     while sched.has_work():
         sched.step()
+    failed = [r.error for r in reqs if r.error is not None or len(r.tokens) != steps + 1]
+    if failed:
+        raise SystemExit(f"bench_grammar: a run did not decode {steps} steps on every row: {failed[:1]}")
     st = sched.stats()
     sched.close()
     return 1e3 * st["decode_s"] / (st["steps"] or 1)

@@ -355,6 +355,7 @@ class _Seq:
         self.batch_rows = 0                 # and the active rows summed
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
+        self.failure: Exception | None = None   # its logits processor raised: it ends alone
 
     @property
     def deferrable(self) -> bool:
@@ -532,7 +533,9 @@ class Scheduler:
         if done:
             tokens = self._sample([s for s, _ in done], torch.stack([lg for _, lg in done]))
             for (seq, _), token in zip(done, tokens):
-                if seq.req.cancelled:
+                if seq.failure is not None:
+                    self._end(seq, None, error=seq.failure)
+                elif seq.req.cancelled:
                     self._end(seq, "cancelled")
                 elif self._emit(seq, token):
                     j, slots = seq.srow, seq.slots
@@ -714,6 +717,10 @@ class Scheduler:
             c["none_ran"] += none_ran
             still = []
             for seq in going:
+                if seq.failure is not None:   # its processor failed: it leaves, the others go on
+                    seq.extra = len(tokens) - s_i
+                    left.append(seq)
+                    continue
                 if seq.req.cancelled:      # cancelled since its last token: this one is dropped
                     seq.req.finish = "cancelled"
                     seq.extra = len(tokens) - s_i
@@ -769,7 +776,11 @@ class Scheduler:
             r = seq.req
             row = logits[i]
             if r.logits_processor is not None:
-                row = r.logits_processor(list(r.tokens), row.clone())
+                try:
+                    row = r.logits_processor(list(r.tokens), row.clone())
+                except Exception as e:     # this row's grammar failed: only this row ends
+                    seq.failure = e
+                    continue
                 if r.temperature == 0.0:
                     out[i] = row.argmax()
             if r.temperature > 0.0:
@@ -799,6 +810,9 @@ class Scheduler:
         if self.runner.sequence:
             self.cache.seq_exec[:, seq.row] = False
             self._sequences_changed = True
+        if seq.failure is not None:
+            self._end(seq, None, error=seq.failure)
+            return
         b, end, n = seq.row, self.S - seq.extra, seq.length
         cache = self.cache
         self._store(seq, cache.k[:, b, :, end - n:end], cache.v[:, b, :, end - n:end],

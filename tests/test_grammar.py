@@ -170,3 +170,24 @@ def test_server_bad_schema_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="layerroute-demo", messages=PROSE, max_tokens=8, tool_choice="required")
     assert e.value.body["param"] == "tool_choice"
+
+
+def test_a_failing_grammar_ends_its_row_alone(engine):
+    """A row whose logits processor raises ends with that error; the batch goes on."""
+    prompts = [encode_prompts([m], engine)[0] for m in (PROSE, TWO)]
+    alone = lr.generate(engine, [prompts[1]], max_new_tokens=12, eos_token_id=None).tokens[0]
+
+    def broken(tokens, logits):
+        if len(tokens) >= 3:
+            raise RuntimeError("grammar broke")
+        return logits
+
+    sched = Scheduler(engine, max_batch=2)
+    reqs = [Request(prompt=prompts[0], max_new_tokens=12, logits_processor=broken),
+            Request(prompt=prompts[1], max_new_tokens=12)]
+    for r in reqs:
+        sched.submit(r)
+    while sched.has_work():
+        sched.step()
+    assert reqs[0].finish == "error" and "grammar broke" in str(reqs[0].error) and len(reqs[0].tokens) == 3
+    assert reqs[1].error is None and reqs[1].tokens == alone
