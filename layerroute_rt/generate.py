@@ -239,7 +239,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     prefills only the rest (see layerroute_rt.prefix_cache for what that means under `sequence`
     granularity), and the sequence it ends up with (prompt and fed-back tokens) is cached.
     Sampling: greedy at temperature 0, else top-k / top-p, sequence b drawing from its own
-    generator (seeded with seed + b when seed is given). Each sequence ends on
+    generator seeded with seed + b when seed is given (torch's default generator otherwise). Each sequence ends on
     its own at an EOS token (eos_token_id: "auto" reads the checkpoint's generation config;
     None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
@@ -370,10 +370,11 @@ def _output(engine, prompts, requests: list[Request], sched_stats: dict, tok,
     executed = torch.zeros(L, B, T + steps, dtype=torch.bool)
     valid = torch.zeros(B, T + steps, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompts, requests)):
+        if r.executed is None:         # cancelled before its prefill: nothing ran, nothing counts
+            continue
         executed[:, b, T - len(p):T] = r.executed[:, :len(p)]
         executed[:, b, T:T + fed[b]] = r.executed[:, len(p):]
         valid[b, T - len(p):T + fed[b]] = True
-    valid[:, :T] &= torch.arange(T)[None] >= T - torch.tensor([len(p) for p in prompts])[:, None]
     cfg, lr = engine.config, engine.lr_config
     report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
     n_real = valid.sum().clamp(min=1)
@@ -387,8 +388,8 @@ def _output(engine, prompts, requests: list[Request], sched_stats: dict, tok,
         "decode_steps": steps,
         "new_tokens": sum(len(t) for t in tokens),
         "prompt_tokens_per_seq": [len(p) for p in prompts],
-        "cached_prompt_tokens": sum(r.stats["cached_prompt_tokens"] for r in requests),
-        "cached_prompt_tokens_per_seq": [r.stats["cached_prompt_tokens"] for r in requests],
+        "cached_prompt_tokens": sum(r.stats.get("cached_prompt_tokens", 0) for r in requests),
+        "cached_prompt_tokens_per_seq": [r.stats.get("cached_prompt_tokens", 0) for r in requests],
         "skip_rate_per_layer": (1.0 - executed.sum((1, 2)) / n_real).tolist(),
         "block_flops_skipped_pct": report.block_skipped_pct,
         "total_flops_skipped_pct": report.total_skipped_pct,

@@ -39,6 +39,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -191,6 +192,7 @@ class _Runner:
         self.greedy_next = torch.zeros(batch, dtype=torch.long, device=engine.device)
         self.use_graph = use_graph
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.capture_s = 0.0                   # spent capturing (left out of the decode time)
         self.busy = False
         self.branch_mode: str | None = None    # how the step skips a block body (engine.branch_mode)
 
@@ -228,6 +230,7 @@ class _Runner:
             return
         graph = self.graphs.get(st.active is not None)
         if graph is None:
+            t0 = time.perf_counter()
             try:
                 graph = self._capture()
             except Exception as e:         # run eagerly from now on: slower, never wrong
@@ -236,6 +239,8 @@ class _Runner:
                 self.use_graph = False
                 self._eager_step()
                 return
+            finally:
+                self.capture_s += time.perf_counter() - t0
         graph.replay()
 
     def _eager_step(self) -> None:
@@ -396,10 +401,9 @@ class Scheduler:
         self.runner: _Runner | None = None
         self.S = 0                          # the running cache's next slot (host copy)
         self._sequences_changed = False
-        self._general = torch.Generator(device=engine.device).manual_seed(0)
         self._counters = dict(steps=0, row_steps=0, block_steps=0, none_ran=0, finished=0,
                               prefill_tokens=0, relayouts=0, host_reads=0)
-        self._time = dict(prefill_s=0.0, decode_s=0.0)
+        self._time = dict(prefill_s=0.0, decode_s=0.0, capture_s=0.0)
         self._flops = [0.0] * 4             # generated tokens: block, block run, total, total run
 
     # -- the outside --------------------------------------------------------------------------
@@ -474,13 +478,16 @@ class Scheduler:
         t1 = time.perf_counter()
         self._time["prefill_s"] += t1 - t0
         if self.running:
+            captured = self.runner.capture_s
             try:
                 self._decode()
             except Exception as e:
                 for seq in [s for s in self.rows if s is not None]:
                     self._end(seq, None, error=e)
                 self.close()
-            self._time["decode_s"] += time.perf_counter() - t1
+            capture = 0.0 if self.runner is None else self.runner.capture_s - captured
+            self._time["decode_s"] += time.perf_counter() - t1 - capture
+            self._time["capture_s"] += capture
 
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set, sleeping while there is nothing to do."""
@@ -613,11 +620,11 @@ class Scheduler:
     def _join(self, seq: _Seq, joining: int) -> bool:
         n = len(seq.slots)
         live = [s for s in self.rows if s is not None]
-        remaining = max(s.req.max_new_tokens - len(s.req.tokens) for s in live + self._ready)
+        remaining = max(s.req.max_new_tokens - len(s.req.tokens) for s in live + [seq])
         free = [b for b, s in enumerate(self.rows) if s is None]
         cache_len = 0 if self.runner is None else self.cache.max_len
         if not free or self.S < n or self.S + remaining > cache_len:
-            S = max([len(s.slots) for s in self._ready] + [s.length for s in live])
+            S = max([n] + [s.length for s in live])
             need = S + remaining
             if need > self.engine.max_cache_len:
                 if not live:               # a request longer than the context was let in
@@ -646,24 +653,32 @@ class Scheduler:
     def _relayout(self, capacity: int, cache_len: int, S: int) -> None:
         """Another runner of `capacity` rows and `cache_len` slots whose next slot is S: the
         live rows packed first, each one's slots moved to end at S."""
-        new = runner(self.engine, capacity, cache_len, self.tau, self.skip, self.batch_q)
+        old = self.runner
+        if old is not None and (old.cache.batch_size, old.cache.max_len) == (capacity, cache_len):
+            new = old                      # the same bucket: shift in place, from a copy
+            c, st = old.cache, old.state
+            src = SimpleNamespace(cache=SimpleNamespace(k=c.k.clone(), v=c.v.clone(), valid=c.valid.clone(),
+                                                        seq_exec=None if c.seq_exec is None else c.seq_exec.clone()),
+                                  state=SimpleNamespace(positions=st.positions.clone(), tokens=st.tokens.clone()))
+        else:
+            new = runner(self.engine, capacity, cache_len, self.tau, self.skip, self.batch_q)
+            src = old
         new.reset(S)
         cache, state = new.cache, new.state
-        old = self.runner
         rows: list[_Seq | None] = [None] * capacity
         for nb, seq in enumerate(s for s in self.rows if s is not None):
             b, n, end = seq.row, seq.length, self.S - seq.extra
-            cache.k[:, nb, :, S - n:S] = old.cache.k[:, b, :, end - n:end]
-            cache.v[:, nb, :, S - n:S] = old.cache.v[:, b, :, end - n:end]
-            cache.valid[:, nb, S - n:S] = old.cache.valid[:, b, end - n:end]
+            cache.k[:, nb, :, S - n:S] = src.cache.k[:, b, :, end - n:end]
+            cache.v[:, nb, :, S - n:S] = src.cache.v[:, b, :, end - n:end]
+            cache.valid[:, nb, S - n:S] = src.cache.valid[:, b, end - n:end]
             if new.sequence:
-                cache.seq_exec[:, nb] = old.cache.seq_exec[:, b]
-            state.positions[nb] = old.state.positions[b]
-            state.tokens[nb] = old.state.tokens[b]
+                cache.seq_exec[:, nb] = src.cache.seq_exec[:, b]
+            state.positions[nb] = src.state.positions[b]
+            state.tokens[nb] = src.state.tokens[b]
             new.active[nb] = True
             seq.row, seq.extra = nb, 0
             rows[nb] = seq
-        if old is not None:
+        if old is not None and old is not new:
             old.busy = False
         self._sequences_changed = new.sequence
         self.runner, self.rows, self.S = new, rows, S
@@ -756,7 +771,7 @@ class Scheduler:
         for seq in sampling:
             r = seq.req
             nxt[seq.row] = sample(run.state.logits[seq.row:seq.row + 1], r.temperature, r.top_k, r.top_p,
-                                  seq.generator or self._general)[0]
+                                  seq.generator)[0]
         return nxt
 
     def _host_tokens(self, live: list[_Seq], logits: torch.Tensor) -> list[int]:
@@ -784,7 +799,7 @@ class Scheduler:
                 if r.temperature == 0.0:
                     out[i] = row.argmax()
             if r.temperature > 0.0:
-                out[i] = sample(row[None], r.temperature, r.top_k, r.top_p, seq.generator or self._general)[0]
+                out[i] = sample(row[None], r.temperature, r.top_k, r.top_p, seq.generator)[0]
         return out.tolist()
 
     def _emit(self, seq: _Seq, token: int) -> bool:

@@ -269,3 +269,30 @@ def test_a_requests_skip_stats_equal_generates(engine, prompts):
     assert sched.stats()["generated_total_flops_skipped_pct"] == pytest.approx(
         out.stats["generated_total_flops_skipped_pct"], abs=1e-9)
     assert out.stats["generated_total_flops_skipped_pct"] > 5          # the demo routers skip
+
+
+def test_requests_that_each_fit_run_even_if_together_they_would_not(prompts):
+    """The slots a join needs count the joining request and the running ones only: a long
+    prompt and a long answer, each fitting the cache, both complete."""
+    engine = lr.InferenceModel(lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter"), prefix_cache=False,
+                               max_cache_len=80)
+    long_prompt = (prompts[0] * 4)[:58]
+    sched = Scheduler(engine, max_batch=2)
+    reqs = [Request(prompt=long_prompt, max_new_tokens=5), Request(prompt=prompts[1][:10], max_new_tokens=60)]
+    drain(sched, reqs)
+    assert [r.error for r in reqs] == [None, None] and [len(r.tokens) for r in reqs] == [5, 60]
+
+
+def test_cancel_before_the_first_step_and_unseeded_sampling(engine, prompts):
+    stream = lr.generate(engine, prompts[:2], max_new_tokens=6, eos_token_id=None, stream=True)
+    stream.cancel(1)
+    list(stream)
+    out = stream.output
+    assert out.finish_reasons == ["length", "cancelled"] and out.tokens[1] == [] and len(out.tokens[0]) == 6
+    assert not out.valid[1].any()                              # nothing ran for it
+    # without a seed, sampling follows torch's default generator
+    draws = []
+    for s in (1, 2, 1):
+        torch.manual_seed(s)
+        draws.append(lr.generate(engine, prompts[:1], max_new_tokens=12, temperature=1.5, eos_token_id=None).tokens)
+    assert draws[0] == draws[2] and draws[0] != draws[1]
