@@ -696,7 +696,7 @@ class Scheduler:
             self._sequences_changed = False
         padded = self.running < len(self.rows)
         k = 1
-        if self.sync_every > 1 and all(s.deferrable for s in live):
+        if self.sync_every > 1 and all(s.deferrable and not s.req.cancelled for s in live):
             k = min(self.sync_every, self.cache.max_len - self.S,
                     max(s.req.max_new_tokens - len(s.req.tokens) for s in live))
         if k == 1 and not all(s.deferrable for s in live):     # the host picks every row's token
@@ -721,6 +721,14 @@ class Scheduler:
         left: list[_Seq] = []
         going = list(live)
         for s_i, row_tokens in enumerate(tokens):
+            for seq in [q for q in going if q.failure is not None or q.req.cancelled]:
+                # its processor failed, or it was cancelled since its last token: this step's
+                # token is dropped, and the step does not count it
+                if seq.failure is None:
+                    seq.req.finish = "cancelled"
+                seq.extra = len(tokens) - s_i
+                left.append(seq)
+                going.remove(seq)
             if not going:                  # every row ended in an earlier step of this read
                 break
             rows = torch.zeros_like(active)
@@ -732,15 +740,6 @@ class Scheduler:
             c["none_ran"] += none_ran
             still = []
             for seq in going:
-                if seq.failure is not None:   # its processor failed: it leaves, the others go on
-                    seq.extra = len(tokens) - s_i
-                    left.append(seq)
-                    continue
-                if seq.req.cancelled:      # cancelled since its last token: this one is dropped
-                    seq.req.finish = "cancelled"
-                    seq.extra = len(tokens) - s_i
-                    left.append(seq)
-                    continue
                 seq.exec_cols.append(executed[s_i, :, seq.row:seq.row + 1])
                 seq.length += 1
                 seq.steps += 1
