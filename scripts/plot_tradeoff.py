@@ -31,7 +31,7 @@ def points(report: dict, group: str) -> list[dict]:
         raise ValueError(f"plot_tradeoff: the eval's summary has no {group!r} group with a base setting "
                          f"(groups: {sorted(report['summary'])})")
     tau = report["tau"] if report.get("tau") is not None else report.get("layerroute_config", {}).get("tau")
-    label = f"adapter {Path(report['adapter']).name}, tau {tau}, q {report.get('batch_q', 1.0)}, " \
+    label = f"adapter {'/'.join(Path(report['adapter']).parts[-2:])}, tau {tau}, q {report.get('batch_q', 1.0)}, " \
             f"batch {report.get('batch_size', 8)}"
     out = [{"setting": "base", "label": label, "diff": 0.0, "ci": [0.0, 0.0], "n": row["base"]["n"],
             **{k: row["base"][f"{k}_total_flops_skipped_pct"] for k in ("request", "prompt", "generated")}}]
