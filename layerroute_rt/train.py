@@ -7,6 +7,8 @@ inf is skipped (no update) and reported; more than `max_bad_steps` stop the run.
 
 Checkpoints are directories written atomically every `checkpoint_every` steps: the adapter
 (model.save_adapter) plus trainer_state.pt (optimizer, schedule, step, data position, RNG).
+With `snapshot_every`, the adapter of every n-th step is also kept, in snapshots/step-NNNNN
+(atomically), so that checkpoints can be screened after the run.
 `resume=True` continues from the last checkpoint exactly: on CPU the adapter after a killed and
 resumed run equals that of an uninterrupted run bit for bit (the data order is a pure function of
 the seed and the step).
@@ -45,6 +47,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 200
+    snapshot_every: int | None = None  # also keep the adapter of every n-th step, in
+                                       # snapshots/step-NNNNN (for screening checkpoints)
     max_bad_steps: int = 10
     seed: int = 0
     # Quality-keeping additions to CE + gate term (all off by default: the method's recipe).
@@ -61,6 +65,11 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.snapshot_every is not None and (isinstance(self.snapshot_every, bool)
+                                                or not isinstance(self.snapshot_every, int)
+                                                or self.snapshot_every < 1):
+            raise ValueError(f"TrainConfig.snapshot_every must be None or an integer >= 1, "
+                             f"got {self.snapshot_every!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0 or self.max_bad_steps < 0:
@@ -160,7 +169,7 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     for step in bar:
         opt.zero_grad(set_to_none=True)
         lr_now = sched.get_last_lr()[0]
-        totals = torch.zeros(5, dtype=torch.float64)      # loss, ce, gate, skip rate, distill
+        totals = torch.zeros(6, dtype=torch.float64)  # loss, ce, gate, skip rate, distill, context skip
         for micro in _batch_indices(len(examples), step, cfg):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                      for k, v in collate([examples[i] for i in micro]).items()}
@@ -177,12 +186,15 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
             (res.loss / cfg.grad_accum).backward()
             scored = batch["attention_mask"].bool() & batch["loss_mask"].bool()
             skip = 1.0 - res.executed[:, scored].float().mean()       # on the steps' own tokens
+            context = batch["attention_mask"].bool() & ~batch["loss_mask"].bool()
+            skip_ctx = 1.0 - res.executed[:, context].float().mean() if bool(context.any()) \
+                else torch.zeros((), device=device)
             distill = res.distill.detach() if res.distill is not None else torch.zeros((), device=device)
             totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
                                    res.gate_loss.detach().double(), skip.double(),
-                                   distill.double()]).cpu()
+                                   distill.double(), skip_ctx.double()]).cpu()
         totals /= cfg.grad_accum
-        loss, ce, gate, skip, distill = totals.tolist()
+        loss, ce, gate, skip, distill, skip_ctx = totals.tolist()
         # One norm over all gradients: it clips, and it is not finite iff some gradient is not.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         finite = math.isfinite(loss) and bool(torch.isfinite(norm))
@@ -198,11 +210,15 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
                     f"max_bad_steps={cfg.max_bad_steps}); last good checkpoint in {out / CHECKPOINT_DIR}")
         sched.step()
         row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
-               "distill": distill, "lr": lr_now, "skipped_update": int(not finite)}
+               "context_skip_rate": skip_ctx, "distill": distill, "lr": lr_now,
+               "skipped_update": int(not finite)}
         _append_log(out / LOG_FILE, row)
         bar.set_postfix(loss=f"{loss:.3f}", skip=f"{skip:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_state(model, opt, sched, out / CHECKPOINT_DIR, step + 1, bad_steps, cfg, run)
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            (out / "snapshots").mkdir(exist_ok=True)
+            model.save_adapter(out / "snapshots" / f"step-{step + 1:05d}")     # atomic
     model.save_adapter(out / "adapter")
     checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
     return row

@@ -226,6 +226,8 @@ def stage_train(args) -> None:
     cfg = lr.LayerRouteConfig(rank=8, alpha=16, granularity="token", kv_policy="compute",
                               gate_lambda=args.gate_lambda, target_rate=args.target_rate, tau=0.5)
     model = lr.load(model_dir, config=cfg, dtype=torch.float32)
+    if args.init_adapter is not None:      # warm start: routers and LoRA from an earlier run
+        model.load_adapter(args.init_adapter)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     train_ex, held_ex = datasets(args, tok)
@@ -244,8 +246,9 @@ def stage_train(args) -> None:
     print(f"train: {len(train_ex)} examples {kinds}, {len(held_ex)} held out", flush=True)
     tc = TrainConfig(steps=args.steps, batch_size=1, grad_accum=args.grad_accum, lr=args.lr,
                      warmup_steps=max(1, args.steps // 10), checkpoint_every=10, seed=args.seed,
-                     distill_weight=args.distill, distill_teacher=args.teacher, gate_on="step",
-                     never_skip=tuple(args.never_skip), router_lr=args.router_lr)
+                     distill_weight=args.distill, distill_teacher=args.teacher, gate_on=args.gate_on,
+                     never_skip=tuple(args.never_skip), router_lr=args.router_lr,
+                     snapshot_every=args.snapshot_every)
     run = args.work / args.run
     t0 = time.time()
     row = train(model, train_ex, lambda b: collate(b, pad_id=tok.pad_token_id or 0), run, tc,
@@ -257,6 +260,7 @@ def stage_train(args) -> None:
     checkpoint.atomic_write_json(run / "recipe.json", {
         "train_config": asdict(tc), "layerroute_config": cfg.to_dict(), "examples": kinds,
         "max_length": args.max_length, "value_weight": args.value_weight,
+        "init_adapter": None if args.init_adapter is None else str(args.init_adapter),
         "command": " ".join(sys.argv), "cpu_seconds_this_invocation": time.time() - t0,
         "torch_threads": torch.get_num_threads(), "final": row})
     print(json.dumps(row), f"{time.time() - t0:.0f} s")
@@ -577,6 +581,13 @@ def main(argv=None) -> int:
     p.add_argument("--targets", choices=("reference", "self"), default="reference",
                    help="tool-call targets: BFCL's reference calls in the template's format, or the "
                         "dense model's own answers (the selfcalls stage)")
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="train: warm start from this adapter directory (routers and LoRA)")
+    p.add_argument("--gate-on", choices=("step", "all"), default="step",
+                   help="train: the tokens whose p counts in the gate term: the step's own, or all "
+                        "(the prompt's too)")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="train: keep the adapter of every n-th step in <run>/snapshots/")
     p.add_argument("--never-skip", type=int, nargs="*", default=[0, 23])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.45, 0.4],

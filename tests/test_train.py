@@ -201,6 +201,22 @@ def test_schedule_and_config_errors():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="TrainConfig.lr must be > 0"):
         TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="TrainConfig.snapshot_every must be None or an integer >= 1"):
+        TrainConfig(snapshot_every=0)
+
+
+def test_snapshots_keep_the_adapter_of_every_nth_step(backbone, tmp_path):
+    model = lr.load(backbone)
+    train(model, toy_examples(), collate, tmp_path, TrainConfig(steps=6, snapshot_every=3, **CFG),
+          progress=False)
+    snaps = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert snaps == ["step-00003", "step-00006"]
+    last = lr.load(backbone, adapter=tmp_path / "snapshots" / "step-00006")
+    mid = lr.load(backbone, adapter=tmp_path / "snapshots" / "step-00003")
+    x = torch.tensor([[1, 2, 3, 10, 11]])
+    assert torch.equal(last(x), model(x)) and not torch.equal(mid(x), model(x))
+    log = read_log(tmp_path / "log.csv")
+    assert all(0.0 <= r["context_skip_rate"] <= 1.0 for r in log)
 
 
 # -- the quality-keeping additions: self-distillation, gate on step tokens, pinned blocks ------
