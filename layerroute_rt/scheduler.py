@@ -314,7 +314,10 @@ class Request:
     the sequence (finish "stop": its owner's stop string). on_done(request) is called once, when
     it has ended; `error` is then set if generation failed. `cancel()` may be called from any
     thread. logits_processor(tokens so far, logits [vocab] float32) -> logits runs before this
-    row's sampling."""
+    row's sampling. logprobs k (0 or more): each new token's log-probability under the model
+    (log_softmax of its raw logits, before the processor and the temperature) and the k most
+    likely tokens', into `token_logprobs` as (logprob, [(token, logprob), ...] best first); such
+    a row is read on the host at every step."""
     prompt: list[int]
     max_new_tokens: int
     temperature: float = 0.0
@@ -325,8 +328,10 @@ class Request:
     on_token: Callable[[int, str], bool] | None = None
     on_done: Callable[["Request"], None] | None = None
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    logprobs: int | None = None
     # results
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish: str | None = None            # "stop", "length" or "cancelled"
     error: Exception | None = None
     stats: dict = field(default_factory=dict)
@@ -361,11 +366,20 @@ class _Seq:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.failure: Exception | None = None   # its logits processor raised: it ends alone
+        self.pending_lp: torch.Tensor | None = None  # log_softmax of the logits its next token came from
+        self.followers: list[_Seq] = []     # requests of the same prompt, which share its prefill
+        self.shared_prefill = False         # it followed another's prefill
 
     @property
     def deferrable(self) -> bool:
         """Its next tokens can be chosen on the device, without the host between steps."""
-        return self.req.logits_processor is None
+        return self.req.logits_processor is None and self.req.logprobs is None
+
+    def follow(self, leader: "_Seq") -> None:
+        """Take the prefill state of `leader` (the same prompt): its staging row and slots."""
+        self.staging, self.srow, self.slots = leader.staging, leader.srow, leader.slots
+        self.todo, self.cached_prompt = list(leader.todo), leader.cached_prompt
+        self.exec_cols = list(leader.exec_cols)
 
 
 class Scheduler:
@@ -428,7 +442,11 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting) + len(self._prefilling) + len(self._ready)
+        return len(self._waiting) + self._admitted()
+
+    def _admitted(self) -> int:
+        """Sequences started and not yet in the batch (followers of a prefill included)."""
+        return sum(1 + len(s.followers) for s in self._prefilling) + len(self._ready)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -472,7 +490,7 @@ class Scheduler:
         try:
             self._prefill()
         except Exception as e:             # the sequences being prefilled fail; the batch goes on
-            for seq in self._prefilling + self._ready:
+            for seq in [f for s in self._prefilling for f in [s, *s.followers]] + self._ready:
                 self._end(seq, None, error=e)
             self._prefilling, self._ready = [], []
         t1 = time.perf_counter()
@@ -499,10 +517,12 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Start waiting requests while rows are left for them, prefill them in arrival order
-        within the iteration's token budget, and join each one prefilled into the batch."""
+        within the iteration's token budget, and join each one prefilled into the batch. A
+        request whose prompt equals one being prefilled follows it: the prompt is prefilled
+        once, and each samples its own first token from the same logits (n > 1 choices)."""
         if self._ready and not self._join_ready():
             return                         # the batch has no room yet: nothing jumps the queue
-        while len(self._prefilling) + len(self._ready) + self.running < self.max_batch:
+        while self._admitted() + self.running < self.max_batch:
             with self._lock:
                 if not self._waiting:
                     break
@@ -510,10 +530,24 @@ class Scheduler:
             if seq.req.cancelled:
                 self._end(seq, "cancelled")
                 continue
-            self._prefilling.append(seq)
-        for seq in [s for s in self._prefilling if s.req.cancelled]:
-            self._prefilling.remove(seq)
-            self._end(seq, "cancelled")
+            leader = next((s for s in self._prefilling if s.req.prompt == seq.req.prompt), None)
+            if leader is not None:
+                leader.followers.append(seq)
+            else:
+                self._prefilling.append(seq)
+        for seq in list(self._prefilling):
+            for f in [f for f in seq.followers if f.req.cancelled]:
+                seq.followers.remove(f)
+                self._end(f, "cancelled")
+            if seq.req.cancelled:          # its first follower takes its place and its state
+                if seq.followers:
+                    heir, heir.followers = seq.followers[0], seq.followers[1:]
+                    heir.follow(seq)
+                    self._prefilling[self._prefilling.index(seq)] = heir
+                else:
+                    self._prefilling.remove(seq)
+                seq.followers = []
+                self._end(seq, "cancelled")
         budget = self.prefill_chunk
         done: list[tuple[_Seq, torch.Tensor]] = []
         group: list[_Seq] = []
@@ -535,8 +569,13 @@ class Scheduler:
             break
         if group:
             self._prefill_group(group, done)
-        for seq, logits in done:
+        for seq, logits in list(done):
             self._prefilling.remove(seq)
+            for f in seq.followers:
+                f.follow(seq)
+                f.shared_prefill = True
+                done.append((f, logits))
+            seq.followers = []
         if done:
             tokens = self._sample([s for s, _ in done], torch.stack([lg for _, lg in done]))
             for (seq, _), token in zip(done, tokens):
@@ -789,6 +828,8 @@ class Scheduler:
         for i, seq in enumerate(seqs):
             r = seq.req
             row = logits[i]
+            if r.logprobs is not None:
+                seq.pending_lp = torch.log_softmax(row.float(), -1)
             if r.logits_processor is not None:
                 try:
                     row = r.logits_processor(list(r.tokens), row.clone())
@@ -805,6 +846,11 @@ class Scheduler:
         """The sequence's new token: its owner told, its end conditions checked. True if it ends."""
         r = seq.req
         r.tokens.append(token)
+        if seq.pending_lp is not None:
+            lp, seq.pending_lp = seq.pending_lp, None
+            top = lp.topk(r.logprobs) if r.logprobs else None
+            r.token_logprobs.append((float(lp[token]), [] if top is None else
+                                     list(zip(top.indices.tolist(), top.values.tolist()))))
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
         final = token in r.eos or len(r.tokens) >= r.max_new_tokens or r.cancelled
@@ -876,6 +922,7 @@ class Scheduler:
             "generated_block_flops_skipped_pct": generated.block_skipped_pct if generated else None,
             "generated_total_flops_skipped_pct": generated.total_skipped_pct if generated else None,
             "cached_prompt_tokens": seq.cached_prompt,
+            "prefill_shared": seq.shared_prefill,
             "decode_steps": seq.steps,
             "mean_batch_rows": seq.batch_rows / seq.steps if seq.steps else None,
             "batch_blocks_no_row_ran_pct": 100.0 * seq.none_ran / (seq.steps * n_blocks)

@@ -296,3 +296,61 @@ def test_cancel_before_the_first_step_and_unseeded_sampling(engine, prompts):
         torch.manual_seed(s)
         draws.append(lr.generate(engine, prompts[:1], max_new_tokens=12, temperature=1.5, eos_token_id=None).tokens)
     assert draws[0] == draws[2] and draws[0] != draws[1]
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_requests_of_one_prompt_share_its_prefill(engine, prompts, chunk):
+    """n choices: requests of the same prompt prefill it once (in one group, or in chunks), each
+    samples its own tokens, and a cancelled leader hands its prefill to the next."""
+    expected = alone(engine, prompts[0], 8)
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=chunk)
+    greedy = [Request(prompt=prompts[0], max_new_tokens=8) for _ in range(2)]
+    sampled = [Request(prompt=prompts[0], max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2)]
+    drain(sched, greedy + sampled)
+    assert sched.stats()["prefill_tokens"] == len(prompts[0])
+    assert [r.tokens for r in greedy] == [list(expected)] * 2
+    assert sampled[0].tokens != sampled[1].tokens
+    assert [r.stats["prefill_shared"] for r in greedy + sampled] == [False, True, True, True]
+    solo = Request(prompt=prompts[0], max_new_tokens=8, temperature=1.0, seed=2)
+    drain(Scheduler(engine, prefill_chunk=chunk), [solo])
+    assert solo.tokens == sampled[1].tokens           # following a prefill changes no draw
+
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=chunk)
+    lead, heir = (Request(prompt=prompts[1], max_new_tokens=5) for _ in range(2))
+    sched.submit(lead)
+    sched.submit(heir)
+    if chunk == 7:
+        sched.step()                  # the leader has prefilled a chunk when it is cancelled
+    lead.cancel()
+    while sched.has_work():
+        sched.step()
+    assert lead.finish == "cancelled" and heir.tokens == list(alone(engine, prompts[1], 5))
+    assert sched.stats()["prefill_tokens"] == len(prompts[1])
+
+
+def test_logprobs_are_the_raw_logits_log_softmax(engine, prompts):
+    """Each token's log-probability and its top k, from the model's logits before the
+    processor: recomputed from a teacher-forced forward of the same tokens."""
+    banned = alone(engine, prompts[0], 1)[0]
+
+    def ban(tokens, logits):
+        logits[banned] = float("-inf")
+        return logits
+
+    sched = Scheduler(engine, max_batch=2)
+    plain = Request(prompt=prompts[0], max_new_tokens=6, logprobs=3)
+    masked = Request(prompt=prompts[0] + [5], max_new_tokens=4, logprobs=0, logits_processor=ban,
+                     temperature=0.7, seed=3)
+    drain(sched, [plain, masked])
+    for req, k in ((plain, 3), (masked, 0)):
+        assert len(req.token_logprobs) == len(req.tokens)
+        ids = torch.tensor([req.prompt + req.tokens])
+        with torch.no_grad():
+            ref = torch.log_softmax(engine.source(ids)[0].float(), -1)[len(req.prompt) - 1:-1]
+        for i, (lp, top) in enumerate(req.token_logprobs):
+            assert lp == pytest.approx(float(ref[i, req.tokens[i]]), abs=2e-3)
+            assert len(top) == k and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+            if k:
+                assert [t for t, _ in top] == ref[i].topk(k).indices.tolist()
+                assert top[0][0] == req.tokens[i]         # greedy: the chosen token is the best
+    assert banned not in masked.tokens
