@@ -22,7 +22,7 @@ eval --bfcl: BFCL tool-call accuracy (BFCL's AST check) and the FLOPs skipped on
 tokens, for the frozen base, base + LoRA (tau 0) and base + LoRA + routing (bfcl_eval.py); N cases
 of a category are the first N of its held-out order (data.bfcl.split_ids with --heldout-seed), so
 an adapter trained on the rest of a split holding out at least N never saw them (bfcl_eval.json).
-serve: an OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, GET /health) over
+serve: an OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health) over
 one engine (layerroute_rt/serve.py); without --model, the bundled demo model and its adapter.
 """
 from __future__ import annotations
@@ -204,7 +204,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
     print(f"serving {model_path} (adapter {adapter}) as {name!r} on http://{args.host}:{args.port}/v1")
     serve(InferenceModel(model, prefix_cache=not args.no_prefix_cache), name, host=args.host, port=args.port, api_key=args.api_key,
           skip_layers=args.skip_layers, max_batch=args.max_batch, batch_q=args.batch_q,
-          max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, openapi=args.openapi)
+          max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, openapi=args.openapi,
+          max_n=args.max_n)
     return 0
 
 
@@ -471,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse request bodies larger than this with a 413 (default 1 MiB)")
     p.add_argument("--body-timeout", type=float, default=10.0,
                    help="seconds to wait for each chunk of a request body (408 after; default 10)")
+    p.add_argument("--max-n", type=int, default=8, help="the most choices (n) one request may ask for (default 8)")
     p.add_argument("--openapi", action="store_true", help="serve /openapi.json (off by default; no /docs page)")
     p.add_argument("--no-prefix-cache", action="store_true", help="keep no K/V of earlier requests (benchmarks)")
     p.set_defaults(func=serve_cmd)

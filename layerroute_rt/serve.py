@@ -1,30 +1,41 @@
 """An OpenAI-compatible HTTP server over one inference engine (`layerroute serve`).
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /health.
+Endpoints: POST /v1/chat/completions, POST /v1/completions (a prompt as text or token ids, no
+template), GET /v1/models, GET /v1/models/{id}, GET /health.
 
 What holds:
 * One worker thread owns the engine and runs its scheduler (layerroute_rt.scheduler: continuous
   batching): a request joins the running batch at the next iteration and leaves it when it
   ends; each row samples with its own temperature, top_p and seed.
+* n choices (up to max_n) are n rows of the batch; they share the prompt's prefill (the
+  scheduler prefills a prompt once for the requests that wait with it), choice j of a seeded
+  request samples with seed + j, and usage counts the prompt once.
 * Stop conditions are per request: EOS (unless the `ignore_eos` extension is set), the
   request's stop strings (the content is cut before the stop string, as OpenAI does) and its
-  max_tokens. A client that disconnects has its sequence cancelled at the next step.
-* A request's final response (or final stream chunk) is sent when its sequence ends, with usage
-  (prompt, completion and cached prompt tokens from the engine's prefix cache) and its skip
-  statistics (the `layerroute` field). Streamed text is sent as it is made, held back only by
-  as many characters as the longest stop string could still need.
+  max_tokens. A client that disconnects has its sequences cancelled at the next step.
+* A request's final response (or final stream chunk per choice) is sent when its sequences
+  end, with usage (prompt, completion and cached prompt tokens from the engine's prefix cache)
+  and skip statistics (the `layerroute` field). Streamed text is sent as it is made, held back
+  only by as many characters as the longest stop string could still need.
+* logprobs / top_logprobs (chat) and logprobs k (completions): each token's log-probability
+  under the model's raw logits (before a grammar mask and the temperature, as vLLM reports
+  them) and the k most likely tokens', best first; streamed with the deltas they came with.
 * Tools go through the checkpoint's chat template; tool_choice "none" renders none, a named
   function renders only that one. Constrained decoding (layerroute_rt.grammar, xgrammar):
   tool_choice "required" or a named function makes the answer calls (in the template's
   <tool_call> format, arguments following their schemas), parallel_tool_calls false allows one
   call at most, and response_format json_object / json_schema makes it JSON; the grammar is
-  compiled (cached) on a thread-pool thread, a bad schema is a 400. Tool calls are parsed from
-  the whole text (toolcalls.parse_tool_calls) when the sequence ends; a request with tools
-  therefore streams its answer in one delta at the end. Calls that do not parse are left in the
-  content.
-* Bad input is a 400 with an OpenAI error body naming the field; a fault while generating is a
-  500 body for the requests it touched, and the worker goes on. Without `api_key`, no key is
-  checked; with one, /v1/* needs `Authorization: Bearer KEY` (401 otherwise).
+  compiled (cached) on a thread-pool thread, a bad schema is a 400.
+* Tool calls (toolcalls.ToolCallStream): an answer in the template's <tool_call> format streams
+  each call as the OpenAI API does, a first delta with the id and name, then the arguments'
+  text in fragments as they are written; joined, they equal the non-streamed call (whose
+  arguments are that same text). An answer in another form (fenced or bare JSON, prose) is
+  decided when it ends (toolcalls.parse_tool_calls) and sent in one delta then; calls that do
+  not parse are left in the content.
+* Bad input is a 400 with an OpenAI error body naming the field (stream_options without stream
+  included); a fault while generating is a 500 body for the requests it touched, and the
+  worker goes on. Without `api_key`, no key is checked; with one, /v1/* needs
+  `Authorization: Bearer KEY` (401 otherwise).
 """
 from __future__ import annotations
 
@@ -53,13 +64,14 @@ from . import grammar
 from .generate import _eos_ids, encode_prompts, load_tokenizer
 from .scheduler import Request as SequenceRequest
 from .scheduler import Scheduler
-from .toolcalls import parse_tool_calls
+from .toolcalls import ToolCallStream
 
 log = logging.getLogger("layerroute.serve")
 
 DEFAULT_MAX_TOKENS = 1024      # when a request gives none (and the context has room)
 MAX_BATCH = 32                 # rows of the running batch
 PREFILL_CHUNK = 256            # prompt tokens prefilled per scheduler iteration
+MAX_N = 8                      # choices per request (n), each a row of the batch
 MAX_BODY_BYTES = 1 << 20       # request bodies past this are refused (413)
 BODY_TIMEOUT_S = 10.0          # a body chunk not received within this is a 408
 KEEP_ALIVE_S = 5.0             # an idle connection is closed after this
@@ -154,6 +166,17 @@ class Tool(BaseModel):
     function: FunctionDef
 
 
+def _stops(v):
+    """stop: a string or up to 4 of them (non-empty), as a list, or None."""
+    stops = [v] if isinstance(v, str) else v
+    if stops is None:
+        return None
+    if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise ValueError("must be a non-empty string or a list of 1 to 4 non-empty strings")
+    return stops
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -171,8 +194,9 @@ class ChatCompletionRequest(BaseModel):
     stop: Any = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    logprobs: bool | None = None
+    n: int = Field(default=1, ge=1, strict=True)
+    logprobs: bool = Field(default=False, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     parallel_tool_calls: bool = Field(default=True, strict=True)
     response_format: dict | None = None
     ignore_eos: bool = False          # extension (as vLLM's): generate up to max_tokens
@@ -189,30 +213,60 @@ class ChatCompletionRequest(BaseModel):
             return v["function"]["name"]
         raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        """A string or up to 4 of them (non-empty), as a list, or None."""
-        stops = [v] if isinstance(v, str) else v
-        if stops is None:
-            return None
-        if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or \
-                not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("must be a non-empty string or a list of 1 to 4 non-empty strings")
-        return stops
+    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
 
-    @field_validator("n")
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: a prompt as text or token ids (or a list of either), no template."""
+    model: str
+    prompt: Any
+    max_tokens: int | None = Field(default=16, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
+    stop: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, strict=True)
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    response_format: dict | None = None
+    ignore_eos: bool = False
+
+    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
+
+    @field_validator("prompt")
     @classmethod
-    def _n(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported")
+    def _prompt(cls, v):
+        """A string, a list of strings, a list of token ids or a list of them: as a list of
+        strings or a list of id lists (non-empty)."""
+        def ids(p):
+            return isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        if isinstance(v, str):
+            v = [v]
+        elif ids(v):
+            v = [v]
+        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(ids(p) for p in v)):
+            if any(p == "" for p in v):
+                raise ValueError("must not be empty")
+            return v
+        raise ValueError("must be a non-empty string, a list of strings, a list of token ids, or a list "
+                         "of token-id lists")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
         return v
 
-    @field_validator("logprobs")
+    @field_validator("best_of")
     @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
+    def _best_of(cls, v, info):
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported")
         return v
 
 
@@ -270,9 +324,10 @@ def _tools(req: ChatCompletionRequest) -> list[dict] | None:
 
 @dataclass
 class Job:
-    """One request as the worker runs it (a scheduler.Request underneath). The worker posts
-    ("delta", str), then ("done", dict) or ("error", APIError) to `events` (an asyncio queue,
-    through the loop)."""
+    """One sequence as the worker runs it (a scheduler.Request underneath): one choice of a
+    request (`index`; a request of n choices has n jobs posting to one queue). The worker posts
+    (index, "delta", (delta dict, logprob entries)), then (index, "done", dict) or
+    (index, "error", APIError) to `events` (an asyncio queue, through the loop)."""
     prompt: list[int]
     max_tokens: int
     temperature: float
@@ -280,14 +335,17 @@ class Job:
     seed: int | None
     stop: list[str]
     eos: frozenset[int]
-    parse_tools: bool
     stream: bool
     loop: asyncio.AbstractEventLoop
-    logits_processor: object = None  # the request's grammar (grammar.GrammarProcessor), or None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue
+    index: int = 0
+    tool_stream: ToolCallStream | None = None   # a request with tools: its calls as they come
+    logits_processor: object = None  # the choice's grammar (grammar.GrammarProcessor), or None
+    logprobs: int | None = None      # top alternatives per token (0: the chosen token's only)
     request: SequenceRequest | None = None
     text: str = ""
-    sent: int = 0
+    sent: int = 0                    # characters of text streamed
+    lp_sent: int = 0                 # tokens whose logprobs were streamed
     stopped: bool = False            # a stop string was met
 
     @property
@@ -301,7 +359,20 @@ class Job:
 
     def post(self, kind: str, value) -> None:
         with contextlib.suppress(RuntimeError):          # the loop has closed
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+
+    def _post_deltas(self, deltas: list[dict], final: bool) -> None:
+        """The deltas, the logprobs of the tokens since the last on the first of them (on an
+        empty delta at the end if the text held them all back)."""
+        r = self.request
+        fresh = list(zip(r.tokens[self.lp_sent:], r.token_logprobs[self.lp_sent:])) \
+            if self.logprobs is not None else []
+        if final and fresh and not deltas:
+            deltas = [{}]
+        for i, d in enumerate(deltas):
+            self.post("delta", (d, fresh if i == 0 else []))
+            if i == 0:
+                self.lp_sent = len(r.token_logprobs)
 
     def feed(self, token: int, text: str) -> bool:
         """One new token and the text it completed (on the worker's thread): apply the stop
@@ -317,12 +388,13 @@ class Job:
                 self.text = self.text[:min(cuts)]
                 self.stopped = True
             final = self.stopped or len(self.request.tokens) >= self.max_tokens
-        if self.stream and not self.parse_tools:
-            hold = 0 if final else max((len(s) for s in self.stop), default=1) - 1
-            upto = len(self.text) - hold
+        if self.stream and not final:      # the end is posted by done()
+            upto = len(self.text) - (max((len(s) for s in self.stop), default=1) - 1)
             if upto > self.sent:
-                self.post("delta", self.text[self.sent:upto])
+                deltas = self.tool_stream.update(self.text[:upto]) if self.tool_stream is not None \
+                    else [{"content": self.text[self.sent:upto]}]
                 self.sent = upto
+                self._post_deltas(deltas, False)
         return self.stopped
 
     def done(self, req: SequenceRequest) -> None:
@@ -334,17 +406,17 @@ class Job:
             return
         if req.finish == "cancelled":
             return
-        if self.stream and not self.parse_tools and self.sent < len(self.text):
-            self.post("delta", self.text[self.sent:])
+        if self.stream:
+            deltas = self.tool_stream.update(self.text, final=True) if self.tool_stream is not None \
+                else [{"content": self.text[self.sent:]}] if self.sent < len(self.text) else []
             self.sent = len(self.text)
-        calls = [c for c in parse_tool_calls(self.text) if "name" in c] if self.parse_tools else []
-        n = len(req.tokens)
+            self._post_deltas(deltas, True)
+        content, calls = self.tool_stream.result(self.text) if self.tool_stream is not None else (self.text, [])
         self.post("done", {
-            "text": self.text, "tool_calls": calls,
+            "text": self.text, "content": content, "tool_calls": calls,
             "finish_reason": "tool_calls" if calls else req.finish,
-            "usage": {"prompt_tokens": len(self.prompt), "completion_tokens": n,
-                      "total_tokens": len(self.prompt) + n,
-                      "prompt_tokens_details": {"cached_tokens": req.stats.get("cached_prompt_tokens", 0)}},
+            "completion_tokens": len(req.tokens), "cached_tokens": req.stats.get("cached_prompt_tokens", 0),
+            "logprobs": list(zip(req.tokens, req.token_logprobs)) if self.logprobs is not None else None,
             "layerroute": req.stats,
         })
 
@@ -398,8 +470,9 @@ class Worker:
             job.done(req)
 
         job.request = SequenceRequest(prompt=job.prompt, max_new_tokens=job.max_tokens,
-                              temperature=job.temperature, top_p=job.top_p, seed=job.seed, eos=job.eos,
-                              on_token=job.feed, on_done=done, logits_processor=job.logits_processor)
+                                      temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                                      eos=job.eos, on_token=job.feed, on_done=done,
+                                      logits_processor=job.logits_processor, logprobs=job.logprobs)
         self.scheduler.submit(job.request)
 
 
@@ -410,65 +483,167 @@ def _printable(e: Exception) -> str:
     return str(e).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
+def _completion_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + secrets.token_hex(12)
 
 
-def _tool_calls(calls: list[dict]) -> list[dict]:
-    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+def _call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+class _Tokens:
+    """A token's text and UTF-8 bytes, as logprobs report them (cached per id)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        try:
+            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+            self._bytes = {c: b for b, c in bytes_to_unicode().items()}   # byte-level BPE
+        except ImportError:
+            self._bytes = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self._cache:
+            piece = self.tok.convert_ids_to_tokens(token)
+            text = self.tok.decode([token])
+            if isinstance(piece, str) and piece and all(c in self._bytes for c in piece):
+                raw = [self._bytes[c] for c in piece]
+            else:
+                raw = list(text.encode("utf-8"))
+            self._cache[token] = (text, raw)
+        return self._cache[token]
+
+    def chat(self, entries) -> dict:
+        """Chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        def one(t, lp):
+            text, raw = self(t)
+            return {"token": text, "logprob": lp, "bytes": raw}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]}
+                            for t, (lp, top) in entries]}
+
+    def completion(self, entries, offset: int = 0) -> dict:
+        """Completions logprobs: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset."""
+        tokens, lps, tops, offsets = [], [], [], []
+        for t, (lp, top) in entries:
+            text = self(t)[0]
+            tokens.append(text)
+            lps.append(lp)
+            tops.append({self(a)[0]: alp for a, alp in top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _usage(prompts: list[list[int]], results: list[dict]) -> dict:
+    """Each prompt counted once (n choices share it), every choice's completion tokens."""
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(r["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r["cached_tokens"] for r in results[::len(results) // len(prompts)])}}
 
 
 class Server:
     """Request handling over the Worker: validation, tokenization, responses."""
 
-    def __init__(self, engine: InferenceModel, model_name: str, worker: Worker, default_max_tokens: int):
+    def __init__(self, engine: InferenceModel, model_name: str, worker: Worker, default_max_tokens: int,
+                 max_n: int = MAX_N):
         self.engine, self.model_name, self.worker = engine, model_name, worker
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens, self.max_n = default_max_tokens, max_n
         self.tok = load_tokenizer(engine)
         if self.tok is None:
             raise ValueError("serve: the model has no tokenizer (tokenizer.json); chat needs one")
+        self.tokens = _Tokens(self.tok)
         self.eos = frozenset(_eos_ids(engine, "auto") | ({self.tok.eos_token_id} - {None}))
         self._local = threading.local()
         self.created = int(time.time())
 
-    def _encode(self, messages, tools) -> list[int]:
-        """On a thread-pool thread, with that thread's own copy of the tokenizer (no lock)."""
+    def _thread_tok(self):
+        """This thread-pool thread's own copy of the tokenizer (no lock)."""
         tok = getattr(self._local, "tok", None)
         if tok is None:
             tok = self._local.tok = copy.deepcopy(self.tok)
-        return encode_prompts([messages], self.engine, tools=tools, tok=tok)[0]
+        return tok
 
-    def _grammar(self, req: ChatCompletionRequest, tools):
-        """The request's grammar (response_format, or tool_choice "required" / named, or
-        "auto" constraining the calls to their schemas) as a fresh matcher, or None; a bad spec
-        or schema is a 400 naming its field."""
-        choice = req.tool_choice
+    def _encode(self, messages, tools) -> list[int]:
+        return encode_prompts([messages], self.engine, tools=tools, tok=self._thread_tok())[0]
+
+    def _encode_text(self, texts: list[str]) -> list[list[int]]:
+        return encode_prompts(texts, self.engine, chat_template=False, tok=self._thread_tok())
+
+    def _grammar(self, req, tools):
+        """The request's compiled grammar (response_format, or tool_choice "required" / named,
+        or "auto" constraining the calls to their schemas), or None; a bad spec or schema is a
+        400 naming its field."""
+        choice = getattr(req, "tool_choice", None)
+        parallel = getattr(req, "parallel_tool_calls", True)
         if choice is not None and choice not in ("none", "auto", "required"):
             choice = {"type": "function", "function": {"name": choice}}
-        if req.parallel_tool_calls is False and tools is not None and choice in (None, "auto"):
+        if parallel is False and tools is not None and choice in (None, "auto"):
             choice = "auto"              # at most one call: the calls are constrained
         elif choice == "auto" or choice is None:
             choice = None                # free text, parsed for calls (as before)
         try:
-            spec = grammar.constraint_spec(req.response_format, tools, choice, req.parallel_tool_calls)
+            spec = grammar.constraint_spec(req.response_format, tools, choice, parallel)
             if spec is not None and req.ignore_eos:
                 raise ValueError("ignore_eos cannot be combined with a constrained answer")
-            compiled = grammar.compile_constraint(self.engine, self.tok, self.eos, spec)
+            return grammar.compile_constraint(self.engine, self.tok, self.eos, spec)
         except ValueError as e:
             text = str(e)
             field_name = "response_format" if text.startswith("response_format") else \
                 "tool_choice" if text.startswith("tool_choice") else "tools" if text.startswith("tools") else \
                 "parallel_tool_calls" if text.startswith("parallel_tool_calls") else "ignore_eos"
             raise APIError(400, _printable(e), param=field_name, code="invalid_value") from e
-        return None if compiled is None else grammar.GrammarProcessor(compiled)
 
-    async def job(self, req: ChatCompletionRequest) -> Job:
-        """The request checked and tokenized, as a Job (APIError 400 on bad input, 404 for
-        another model)."""
+    def _check(self, req) -> None:
+        """What chat and completions requests share: the model, n, stream_options."""
         if req.model != self.model_name:
             raise APIError(404, f"model: {req.model!r} is not served here; the model is {self.model_name!r}",
                            param="model", code="model_not_found")
+        if req.n > self.max_n:
+            raise APIError(400, f"n: at most {self.max_n} choices per request (--max-n), got {req.n}",
+                           param="n", code="invalid_value")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options",
+                           code="invalid_value")
+
+    def _fit(self, prompt: list[int], asked: int | None, param: str, prompt_param: str) -> int:
+        """max tokens for a prompt within the context (400 where it cannot fit)."""
+        limit = self.engine.max_cache_len
+        if len(prompt) >= limit:
+            raise APIError(400, f"{prompt_param}: the prompt has {len(prompt)} tokens; this model's context "
+                                f"holds {limit} (prompt + completion)", param=prompt_param,
+                           code="context_length_exceeded")
+        if asked is not None and len(prompt) + asked > limit:
+            raise APIError(400, f"{param}: the prompt has {len(prompt)} tokens and {param} is {asked}: "
+                                f"{len(prompt) + asked} > the context of {limit} tokens", param=param,
+                           code="context_length_exceeded")
+        return asked or min(self.default_max_tokens, limit - len(prompt))
+
+    def _jobs(self, req, prompts: list[list[int]], max_tokens: list[int], compiled, tools: bool,
+              logprobs: int | None) -> list[Job]:
+        """n jobs per prompt, posting to one queue; choice j of a seeded request has seed + j."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        temperature = 1.0 if req.temperature is None else req.temperature
+        jobs = []
+        for i, (prompt, cap) in enumerate(zip(prompts, max_tokens)):
+            for j in range(req.n):
+                seed = None if req.seed is None else (req.seed + j) % (SEED_MAX + 1)
+                jobs.append(Job(
+                    prompt=prompt, max_tokens=cap, temperature=temperature,
+                    top_p=None if req.top_p in (None, 1.0) else req.top_p, seed=seed, stop=req.stop or [],
+                    eos=frozenset() if req.ignore_eos else self.eos, stream=req.stream, loop=loop,
+                    events=events, index=len(jobs), tool_stream=ToolCallStream(_call_id) if tools else None,
+                    logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled),
+                    logprobs=logprobs))
+        return jobs
+
+    async def chat_jobs(self, req: ChatCompletionRequest) -> tuple[list[list[int]], list[Job]]:
+        """The request checked and tokenized, as its jobs (APIError 400 on bad input, 404 for
+        another model)."""
+        self._check(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs true", param="top_logprobs", code="invalid_value")
         tools = _tools(req)
         messages = _template_messages(req)
         for i, m in enumerate(messages):
@@ -491,89 +666,136 @@ class Server:
             prompt = await run_in_threadpool(self._encode, messages, tools)
         except (ValueError, UnicodeError) as e:
             raise APIError(400, f"messages: {_printable(e)}", param="messages", code="invalid_value") from e
-        if len(prompt) >= limit:
-            raise APIError(400, f"messages: the prompt has {len(prompt)} tokens; this model's context "
-                                f"holds {limit} (prompt + completion)", param="messages",
-                           code="context_length_exceeded")
         asked = req.max_completion_tokens or req.max_tokens
-        if asked is not None and len(prompt) + asked > limit:
-            p = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{p}: the prompt has {len(prompt)} tokens and {p} is {asked}: "
-                                f"{len(prompt) + asked} > the context of {limit} tokens", param=p,
-                           code="context_length_exceeded")
-        processor = await run_in_threadpool(self._grammar, req, tools)     # compiled off the loop
-        temperature = 1.0 if req.temperature is None else req.temperature
-        return Job(logits_processor=processor, prompt=prompt, max_tokens=asked or min(self.default_max_tokens, limit - len(prompt)),
-                   temperature=temperature, top_p=None if req.top_p in (None, 1.0) else req.top_p,
-                   seed=req.seed, stop=req.stop or [], eos=frozenset() if req.ignore_eos else self.eos,
-                   parse_tools=tools is not None, stream=req.stream, loop=asyncio.get_running_loop())
+        cap = self._fit(prompt, asked, "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                        "messages")
+        compiled = await run_in_threadpool(self._grammar, req, tools)     # compiled off the loop
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return [prompt], self._jobs(req, [prompt], [cap], compiled, tools is not None, logprobs)
 
-    def _message(self, result: dict) -> dict:
-        if result["tool_calls"]:
-            return {"role": "assistant", "content": None, "tool_calls": _tool_calls(result["tool_calls"])}
-        return {"role": "assistant", "content": result["text"]}
+    async def completion_jobs(self, req: "CompletionRequest") -> tuple[list[list[int]], list[Job]]:
+        self._check(req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo: echo with logprobs (the prompt's logprobs) is not supported",
+                           param="echo", code="invalid_value")
+        prompts = req.prompt
+        if isinstance(prompts[0], str):
+            limit = self.engine.max_cache_len
+            for i, text in enumerate(prompts):
+                if len(text) > CHARS_PER_TOKEN_MAX * limit:
+                    raise APIError(400, f"prompt: {len(text)} characters cannot fit this model's context "
+                                        f"of {limit} tokens", param="prompt", code="context_length_exceeded")
+            try:
+                prompts = await run_in_threadpool(self._encode_text, prompts)
+            except (ValueError, UnicodeError) as e:
+                raise APIError(400, f"prompt: {_printable(e)}", param="prompt", code="invalid_value") from e
+        vocab = self.engine.config.vocab_size
+        for i, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt: token ids must lie in [0, {vocab}), got {bad[:5]}",
+                               param="prompt", code="invalid_value")
+        caps = [self._fit(p, req.max_tokens, "max_tokens", "prompt") for p in prompts]
+        compiled = await run_in_threadpool(self._grammar, req, None)
+        return prompts, self._jobs(req, prompts, caps, compiled, False, req.logprobs)
 
-    async def complete(self, job: Job, request: Request) -> JSONResponse:
-        """Wait for the job's result; a client that goes away cancels it."""
+    async def results(self, jobs: list[Job], request: Request) -> list[dict] | JSONResponse:
+        """Every job's result, in order; a client that goes away cancels them (499), an error
+        of one is the response."""
         watcher = asyncio.ensure_future(_wait_disconnect(request))
+        events, out = jobs[0].events, {}
         try:
-            while True:
-                getter = asyncio.ensure_future(job.events.get())
+            while len(out) < len(jobs):
+                getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
-                    job.cancel()
                     return JSONResponse({}, status_code=499)   # nobody reads it
-                kind, value = getter.result()
+                index, kind, value = getter.result()
                 if kind == "error":
                     return value.response()
                 if kind == "done":
-                    break
+                    out[index] = value
         finally:
             watcher.cancel()
+            for job in jobs:
+                job.cancel()                 # harmless once done
+        return [out[i] for i in range(len(jobs))]
+
+    def _chat_message(self, result: dict) -> dict:
+        if result["tool_calls"]:
+            return {"role": "assistant", "content": result["content"], "tool_calls": result["tool_calls"]}
+        return {"role": "assistant", "content": result["content"]}
+
+    def chat_response(self, prompts, results: list[dict]) -> JSONResponse:
         return JSONResponse({
             "id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": self.model_name,
-            "choices": [{"index": 0, "message": self._message(value), "logprobs": None,
-                         "finish_reason": value["finish_reason"]}],
-            "usage": value["usage"], "layerroute": value["layerroute"]})
+            "choices": [{"index": i, "message": self._chat_message(r),
+                         "logprobs": None if r["logprobs"] is None else self.tokens.chat(r["logprobs"]),
+                         "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+            "usage": _usage(prompts, results), "layerroute": results[0]["layerroute"] if len(results) == 1
+            else [r["layerroute"] for r in results]})
 
-    async def stream(self, job: Job, req: ChatCompletionRequest):
-        """Server-sent events: a role chunk, content deltas, a final chunk with finish_reason
-        (and tool_calls), a usage chunk if stream_options.include_usage, then [DONE]. The client
-        going away (the generator closed or cancelled) cancels the job."""
-        cid, created = _completion_id(), int(time.time())
+    def completion_response(self, req, prompts, results: list[dict]) -> JSONResponse:
+        choices = []
+        for i, r in enumerate(results):
+            head = self.tok.decode(prompts[i // req.n]) if req.echo else ""
+            choices.append({"index": i, "text": head + r["text"], "finish_reason": r["finish_reason"],
+                            "logprobs": None if r["logprobs"] is None else
+                            self.tokens.completion(r["logprobs"])})
+        return JSONResponse({
+            "id": _completion_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
+            "model": self.model_name, "choices": choices, "usage": _usage(prompts, results),
+            "layerroute": [r["layerroute"] for r in results]})
 
-        def chunk(delta: dict | None, finish=None, **extra) -> str:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                                 "finish_reason": finish}]
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name, "choices": choices, **extra}
+    async def stream(self, jobs: list[Job], req, prompts, chat: bool):
+        """Server-sent events. Chat: a role chunk per choice, content or tool-call deltas, a
+        final chunk per choice with finish_reason; completions: text chunks. Then a usage chunk
+        if stream_options.include_usage, then [DONE]. The client going away (the generator
+        closed or cancelled) cancels the jobs."""
+        cid, created = _completion_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index: int | None, delta: dict | None = None, finish=None, logprobs=None, **extra) -> str:
+            choices = []
+            if index is not None:
+                if chat:
+                    lp = None if not logprobs else self.tokens.chat(logprobs)
+                    choices = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]
+                else:
+                    lp = None if not logprobs else self.tokens.completion(logprobs)
+                    choices = [{"index": index, "text": (delta or {}).get("content", ""), "logprobs": lp,
+                                "finish_reason": finish}]
+            body = {"id": cid, "object": kind_name, "created": created, "model": self.model_name,
+                    "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
+        events, results = jobs[0].events, {}
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                kind, value = await job.events.get()
+            for job in jobs:
+                if chat:
+                    yield chunk(job.index, {"role": "assistant", "content": ""})
+                elif req.echo:
+                    yield chunk(job.index, {"content": self.tok.decode(prompts[job.index // req.n])})
+            while len(results) < len(jobs):
+                index, kind, value = await events.get()
                 if kind == "delta":
-                    yield chunk({"content": value})
+                    delta, lps = value
+                    yield chunk(index, delta, logprobs=lps)
                     continue
                 if kind == "error":
                     yield f"data: {json.dumps(value.body())}\n\n"
                     break
-                if value["tool_calls"]:
-                    calls = [{"index": i, **c} for i, c in enumerate(_tool_calls(value["tool_calls"]))]
-                    yield chunk({"tool_calls": calls}, value["finish_reason"], layerroute=value["layerroute"])
-                else:
-                    if job.parse_tools and value["text"]:
-                        yield chunk({"content": value["text"]})
-                    yield chunk({}, value["finish_reason"], layerroute=value["layerroute"])
+                results[index] = value
+                yield chunk(index, {}, value["finish_reason"], layerroute=value["layerroute"])
+            else:
                 if req.stream_options and req.stream_options.include_usage:
-                    yield chunk(None, usage=value["usage"])
-                break
+                    yield chunk(None, usage=_usage(prompts, [results[i] for i in range(len(jobs))]))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()                   # harmless once done; ends the sequence otherwise
+            for job in jobs:
+                job.cancel()               # harmless once done; ends the sequence otherwise
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -657,14 +879,15 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
                skip_layers=None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK, batch_q: float = 1.0,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
-               openapi: bool = False) -> FastAPI:
+               openapi: bool = False, max_n: int = MAX_N) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. Its worker thread starts and stops with
     the app's lifespan (uvicorn runs it); `app.state.worker` is the worker. A request without
     max_tokens gets at most default_max_tokens (and what its context leaves). openapi: serve
-    /openapi.json (no /docs page: it would load its scripts from a CDN)."""
+    /openapi.json (no /docs page: it would load its scripts from a CDN). max_n: the most
+    choices (n) one request may ask for."""
     worker = Worker(engine, skip_layers=skip_layers, max_batch=max_batch, prefill_chunk=prefill_chunk,
                     batch_q=batch_q)
-    server = Server(engine, model_name, worker, default_max_tokens)
+    server = Server(engine, model_name, worker, default_max_tokens, max_n)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -716,16 +939,29 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
             raise APIError(404, f"model: {model_id!r} is not served here", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        job = await server.job(req)
+    async def run(req, request: Request, prompts, jobs, chat: bool):
         if not worker.alive:
             raise APIError(503, "the engine worker is not running", code="unavailable")
-        worker.submit(job)
+        for job in jobs:
+            worker.submit(job)
         if req.stream:
-            return StreamingResponse(server.stream(job, req), media_type="text/event-stream",
+            return StreamingResponse(server.stream(jobs, req, prompts, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await server.complete(job, request)
+        results = await server.results(jobs, request)
+        if isinstance(results, JSONResponse):
+            return results
+        return server.chat_response(prompts, results) if chat else \
+            server.completion_response(req, prompts, results)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        prompts, jobs = await server.chat_jobs(req)
+        return await run(req, request, prompts, jobs, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompts, jobs = await server.completion_jobs(req)
+        return await run(req, request, prompts, jobs, chat=False)
 
     return app
 

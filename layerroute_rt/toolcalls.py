@@ -172,3 +172,184 @@ def json_value_spans(text: str) -> list[tuple[int, int]]:
 
 def _in_word(text: str, i: int) -> bool:
     return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")
+
+
+# -- streaming: the calls of a text that grows ---------------------------------------------------
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_WS = " \t\r\n"
+
+
+class _Incomplete(Exception):
+    """The text ends before this can be decided."""
+
+
+class _Irregular(Exception):
+    """Not the template's `{"name": ..., "arguments": {...}}` layout."""
+
+
+def _ws(s: str, i: int) -> int:
+    while i < len(s) and s[i] in _WS:
+        i += 1
+    if i == len(s):
+        raise _Incomplete
+    return i
+
+
+def _expect(s: str, i: int, ch: str) -> int:
+    i = _ws(s, i)
+    if s[i] != ch:
+        raise _Irregular
+    return i + 1
+
+
+def _string(s: str, i: int) -> tuple[str, int]:
+    """The JSON string starting at s[i] (a quote) and the index after it."""
+    j = i + 1
+    while j < len(s) and s[j] != '"':
+        j += 2 if s[j] == "\\" else 1
+    if j >= len(s):
+        raise _Incomplete
+    try:
+        return json.loads(s[i:j + 1]), j + 1
+    except json.JSONDecodeError:
+        raise _Irregular from None
+
+
+def _value_end(s: str, i: int) -> int | None:
+    """The index after the object or array that starts at s[i], or None if s ends inside it."""
+    depth, j = 0, i
+    while j < len(s):
+        c = s[j]
+        if c == '"':
+            j += 1
+            while j < len(s) and s[j] != '"':
+                j += 2 if s[j] == "\\" else 1
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return None
+
+
+def _block_call(body: str, closed: bool) -> tuple[str | None, str, bool]:
+    """One <tool_call> block's (name or None while unknown, arguments text so far, complete).
+    The template's layout streams: the name once its string is whole, then the arguments'
+    characters as they come, exactly as written. Any other layout waits for the block to close
+    and is parsed then (arguments re-serialized); a block that does not parse gives no call."""
+    name = None
+    try:
+        i = _expect(body, 0, "{")
+        i = _ws(body, i)
+        if body[i] != '"':
+            raise _Irregular
+        key, i = _string(body, i)
+        if key != "name":
+            raise _Irregular
+        i = _expect(body, i, ":")
+        i = _ws(body, i)
+        if body[i] != '"':
+            raise _Irregular
+        name, i = _string(body, i)
+        i = _expect(body, i, ",")
+        i = _ws(body, i)
+        if body[i] != '"':
+            raise _Irregular
+        key, i = _string(body, i)
+        if key not in ("arguments", "parameters"):
+            raise _Irregular
+        i = _expect(body, i, ":")
+        i = _ws(body, i)
+        if body[i] not in "{":
+            raise _Irregular
+        end = _value_end(body, i)
+        return name, body[i:end], end is not None
+    except _Incomplete:
+        if not closed:
+            return name, "", False
+    except _Irregular:
+        pass
+    if not closed:
+        return name, "", False
+    call = next(iter(_parse_block(body, "<tool_call> block")), {})
+    if "name" not in call or (name is not None and call["name"] != name):
+        return name, "", True                # a name already streamed keeps its place
+    return call["name"], json.dumps(call["arguments"], ensure_ascii=False), True
+
+
+def scan_tool_calls(text: str, final: bool) -> tuple[list[tuple[str, str, bool]], str | None]:
+    """The tool calls of `text` as far as they are decided, and the content (None until the end,
+    or where there are calls): ([(name, arguments text so far, complete)], content).
+
+    An answer that starts with <tool_call> (after white space) streams its calls as they are
+    written (_block_call); prose after the last block is dropped. Any other answer is decided
+    at the end by parse_tool_calls (fenced or bare JSON calls, arguments re-serialized), or is
+    content. What `final=False` gives is a prefix of what a longer text gives: each call's
+    arguments only grow, and nothing is taken back."""
+    lead = text.lstrip(_WS)
+    if not lead.startswith(_OPEN):
+        if not final:
+            return [], None
+        calls = [c for c in parse_tool_calls(text) if "name" in c]
+        if calls:
+            return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False), True) for c in calls], None
+        return [], text
+    calls = []
+    pos = len(text) - len(lead) + len(_OPEN)
+    while True:
+        end = text.find(_CLOSE, pos)
+        closed = end >= 0 or final
+        name, args, complete = _block_call(text[pos:] if end < 0 else text[pos:end], closed)
+        if name is not None:
+            calls.append((name, args, complete))
+        if end < 0:
+            break
+        rest = text[end + len(_CLOSE):]
+        nxt = rest.lstrip(_WS)
+        if not nxt.startswith(_OPEN):
+            break
+        pos = len(text) - len(nxt) + len(_OPEN)
+    if final and not calls:
+        return [], text
+    return calls, None
+
+
+class ToolCallStream:
+    """OpenAI streaming deltas of a growing answer with tools: `update(text, final)` returns the
+    new deltas since the last call, each {"content": str} or {"tool_calls": [{"index", ...}]}:
+    a call's first delta carries its id, type and name (arguments ""), later ones argument
+    fragments. `result(text)` is the non-streamed answer, (content, calls as OpenAI tool calls),
+    with the same ids: the streamed fragments of a call join into its arguments."""
+
+    def __init__(self, new_id):
+        self.new_id = new_id
+        self.ids: list[str] = []
+        self.sent_args: list[str] = []
+        self.content_sent = False
+
+    def update(self, text: str, final: bool = False) -> list[dict]:
+        calls, content = scan_tool_calls(text, final)
+        out = []
+        for i, (name, args, _) in enumerate(calls):
+            if i == len(self.ids):
+                self.ids.append(self.new_id())
+                self.sent_args.append("")
+                out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
+                                            "function": {"name": name, "arguments": ""}}]})
+            sent = self.sent_args[i]
+            if len(args) > len(sent):
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": args[len(sent):]}}]})
+                self.sent_args[i] = args
+        if content and not self.content_sent and not self.ids:
+            out.append({"content": content})
+            self.content_sent = True
+        return out
+
+    def result(self, text: str) -> tuple[str | None, list[dict]]:
+        self.update(text, final=True)            # ids for calls not streamed yet
+        calls, content = scan_tool_calls(text, True)
+        return content, [{"id": self.ids[i], "type": "function", "function": {"name": n, "arguments": a}}
+                         for i, (n, a, _) in enumerate(calls)]

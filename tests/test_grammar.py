@@ -191,3 +191,28 @@ def test_a_failing_grammar_ends_its_row_alone(engine):
         sched.step()
     assert reqs[0].finish == "error" and "grammar broke" in str(reqs[0].error) and len(reqs[0].tokens) == 3
     assert reqs[1].error is None and reqs[1].tokens == alone
+
+
+def test_server_streamed_tool_deltas_join_into_the_answer(client):
+    """tool_choice "required" on two calls: the first delta of each call carries its id and
+    name, then its arguments arrive in several fragments; joined by index they equal the
+    non-streamed answer's calls."""
+    kw = dict(model="layerroute-demo", messages=TWO, tools=TOOLS, tool_choice="required", max_tokens=160,
+              temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0].message
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    calls, fragments = {}, {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if d.index not in calls:
+                assert d.id and d.function.name and d.function.arguments == ""
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            else:
+                assert d.id is None and d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments
+                fragments[d.index] = fragments.get(d.index, 0) + 1
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
+        [(t.function.name, t.function.arguments) for t in plain.tool_calls]
+    assert len(calls) >= 1 and all(n > 3 for n in fragments.values())      # streamed, not in one piece
+    _valid_calls([{"name": c["name"], "arguments": json.loads(c["arguments"])} for c in calls.values()], TOOLS)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

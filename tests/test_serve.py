@@ -144,6 +144,21 @@ def test_stop_string_cuts_the_content(client, engine):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def join_tool_deltas(chunks) -> list[dict]:
+    """The streamed tool calls joined as an OpenAI client does: by index, the first delta's id,
+    type and name, then the argument fragments appended."""
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if d.index not in calls:
+                assert d.id and d.function.name and d.function.arguments == ""
+                calls[d.index] = {"id": d.id, "function": {"name": d.function.name, "arguments": ""}}
+            else:
+                assert d.id is None and d.function.name is None
+                calls[d.index]["function"]["arguments"] += d.function.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
 def test_tool_call_parsed(client):
     r = client.chat.completions.create(model=MODEL, messages=PLACES_CHAT, tools=[PLACES], max_tokens=48,
                                        temperature=0)
@@ -155,10 +170,9 @@ def test_tool_call_parsed(client):
     assert isinstance(json.loads(call.function.arguments), dict)
     streamed = list(client.chat.completions.create(model=MODEL, messages=PLACES_CHAT, tools=[PLACES],
                                                    max_tokens=48, temperature=0, stream=True))
-    final = streamed[-1].choices[0]
-    assert final.finish_reason == "tool_calls"
-    assert final.delta.tool_calls[0].function.name == "search_places"
-    assert json.loads(final.delta.tool_calls[0].function.arguments) == json.loads(call.function.arguments)
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    (joined,) = join_tool_deltas(streamed)
+    assert joined["function"] == call.function.model_dump()
     # the next turn: the call and its result go back through the template
     turn = PLACES_CHAT + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -223,7 +237,11 @@ def test_eight_concurrent_requests_are_batched(client, server, engine):
     (dict(top_p=0), "top_p", "invalid_value"),
     (dict(seed=-1), "seed", "invalid_value"),
     (dict(seed=2 ** 70, temperature=0.5), "seed", "invalid_value"),
-    (dict(n=2), "n", "invalid_value"),
+    (dict(n=9), "n", "invalid_value"),
+    (dict(n=0), "n", "invalid_value"),
+    (dict(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
+    (dict(top_logprobs=2), "top_logprobs", "invalid_value"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs", "invalid_value"),
     (dict(stop=[""]), "stop", "invalid_value"),
     (dict(tool_choice="auto"), "tool_choice", "invalid_value"),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice",
@@ -461,3 +479,100 @@ def test_cli_serves_the_bundled_demo_model_on_loopback(monkeypatch):
     assert cli.main(["serve", "--api-key", "k", "--tau", "0.3"]) == 0
     assert (seen["name"], seen["host"], seen["port"], seen["api_key"]) == (MODEL, "127.0.0.1", 8000, "k")
     assert isinstance(seen["engine"], lr.InferenceModel) and seen["engine"].lr_config.tau == 0.3
+
+
+def greedy_ids(engine, prompt_ids, n):
+    with torch.no_grad():
+        return lr.generate(engine, [prompt_ids], max_new_tokens=n).tokens[0]
+
+
+def ref_logprobs(engine, prompt_ids, ids):
+    """log_softmax of the engine's model logits at each generated position (teacher-forced)."""
+    with torch.no_grad():
+        logits = engine.source(torch.tensor([list(prompt_ids) + list(ids)]))[0].float()
+    return torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
+
+
+def test_n_choices_share_the_prompt(client, engine):
+    r = client.chat.completions.create(model=MODEL, messages=OTHER, max_tokens=12, temperature=1.0, seed=5, n=3,
+                                       extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1                                       # each choice its own draw
+    one = client.chat.completions.create(model=MODEL, messages=OTHER, max_tokens=12, temperature=1.0, seed=5,
+                                         extra_body={"ignore_eos": True})
+    assert one.choices[0].message.content == texts[0]                # choice j draws with seed + j
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens          # the prompt counted once
+    assert r.usage.completion_tokens == 36
+    ext = r.model_extra["layerroute"]
+    assert len(ext) == 3 and sum(e["prefill_shared"] for e in ext) == 2    # prefilled once
+    greedy = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2)
+    assert [c.message.content for c in greedy.choices] == [reference_text(engine, CHAT, 8)] * 2
+    chunks = list(client.chat.completions.create(model=MODEL, messages=OTHER, max_tokens=12, temperature=1.0,
+                                                 seed=5, n=3, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens and chunks[-1].usage.completion_tokens == 36
+
+
+def test_logprobs_are_sorted_and_match_the_engines_logits(client, engine):
+    from layerroute_rt.generate import encode_prompts
+    prompt = encode_prompts([CHAT], engine)[0]
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=4, extra_body={"ignore_eos": True})
+    ids = greedy_ids(engine, prompt, 8)
+    ref = ref_logprobs(engine, prompt, ids)
+    tok = engine._tokenizer
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == len(ids) == 8
+    for i, e in enumerate(entries):
+        assert e.token == tok.decode([ids[i]]) and e.logprob == pytest.approx(float(ref[i, ids[i]]), abs=2e-3)
+        assert bytes(e.bytes).decode("utf-8", "replace") == tok.decode([ids[i]])
+        top = [t.logprob for t in e.top_logprobs]
+        assert len(top) == 4 and top == sorted(top, reverse=True)
+        assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t in ref[i].topk(4).indices.tolist()]
+        assert top == pytest.approx(ref[i].topk(4).values.tolist(), abs=2e-3)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                                 logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]      # (the prompt from the prefix cache
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)  # this time)
+    assert all(e.top_logprobs == [] for e in streamed)
+
+
+def test_completions_text_tokens_echo_stream_and_logprobs(client, engine, server):
+    text = "The flight from Paris to Rome"
+    with torch.no_grad():
+        ref = lr.generate(engine, [text], max_new_tokens=10, chat_template=False, eos_token_id=None)
+    ids = engine._tokenizer.encode(text)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=10, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.choices[0].text == ref.text[0]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 10
+    lp = r.choices[0].logprobs
+    expected = ref_logprobs(engine, ids, ref.tokens[0])
+    assert lp.token_logprobs == pytest.approx([float(expected[i, t]) for i, t in enumerate(ref.tokens[0])], abs=2e-3)
+    assert "".join(lp.tokens) == ref.text[0] and lp.text_offset[0] == 0
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == ref.text[0]
+    many = client.completions.create(model=MODEL, prompt=[text, "Hotels in Oslo"], max_tokens=4, temperature=0,
+                                     n=2, echo=True)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text.startswith(text) and many.choices[2].text.startswith("Hotels in Oslo")
+    assert many.choices[0].text == many.choices[1].text
+    chunks = list(client.completions.create(model=MODEL, prompt=text, max_tokens=10, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text[0]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    for kw, param in ((dict(prompt=""), "prompt"), (dict(prompt=[[1, 2], "x"]), "prompt"),
+                      (dict(prompt=[10 ** 9]), "prompt"), (dict(suffix="end"), "suffix"),
+                      (dict(best_of=3), "best_of"), (dict(echo=True, logprobs=1), "echo"),
+                      (dict(logprobs=6), "logprobs"), (dict(n=9), "n"),
+                      (dict(max_tokens=10 ** 6), "max_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{"model": MODEL, "prompt": text, **kw})
+        assert e.value.body["param"] == param, (kw, e.value.body)

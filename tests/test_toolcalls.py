@@ -132,3 +132,74 @@ def test_json_value_spans(text, values):
     spans = json_value_spans(text)
     assert [text[s:e] for s, e in spans] == values
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))      # in order, disjoint
+
+
+# -- streaming (ToolCallStream): chunking-invariant deltas that join into the answer -------------
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+from layerroute_rt.toolcalls import ToolCallStream, scan_tool_calls  # noqa: E402
+
+STREAM_CASES = [
+    # (text, expected calls as (name, arguments text), expected content)
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris}", "n": [1, {"a": "]"}]}}\n</tool_call>',
+     [("get_weather", '{"city": "Pa\\"ris}", "n": [1, {"a": "]"}]}')], None),
+    ('\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {}}'
+     '\n</tool_call>', [("a", '{"x": 1}'), ("b", "{}")], None),
+    # another key order: parsed when the block closes, arguments re-serialized
+    ('<tool_call>\n{"arguments": {"x":1}, "name": "f"}\n</tool_call>', [("f", '{"x": 1}')], None),
+    # arguments as a JSON string
+    ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 2}"}</tool_call>', [("f", '{"x": 2}')], None),
+    # an unclosed last block runs to the end
+    ('<tool_call>\n{"name": "a", "arguments": {"x": 1}}', [("a", '{"x": 1}')], None),
+    # fenced JSON (Qwen-Coder's answer): decided at the end
+    ('```json\n{"name": "a", "arguments": {"x": 1}}\n```', [("a", '{"x": 1}')], None),
+    ("I cannot help with that.", [], "I cannot help with that."),
+    ("<tool", [], "<tool"),
+    ('<tool_call>\nnot json\n</tool_call>', [], '<tool_call>\nnot json\n</tool_call>'),
+]
+
+
+def _stream(text, rng):
+    ids = itertools.count()
+    s = ToolCallStream(lambda: f"call_{next(ids)}")
+    deltas, i = [], 0
+    while i < len(text):
+        i = min(len(text), i + rng.randint(1, 6))
+        deltas += s.update(text[:i])
+    deltas += s.update(text, final=True)
+    return deltas, s.result(text)
+
+
+@pytest.mark.parametrize("text,calls,content", STREAM_CASES)
+def test_streamed_tool_deltas_join_into_the_answer_for_any_chunking(text, calls, content):
+    for seed in range(20):
+        deltas, (got_content, got_calls) = _stream(text, random.Random(seed))
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls
+        assert got_content == content
+        joined: dict[int, dict] = {}
+        streamed_content = ""
+        for d in deltas:
+            streamed_content += d.get("content", "")
+            for t in d.get("tool_calls", []):
+                if t["index"] not in joined:
+                    assert t["function"]["arguments"] == "" and t["id"].startswith("call_")
+                    joined[t["index"]] = {"id": t["id"], "type": t["type"],
+                                          "function": {"name": t["function"]["name"], "arguments": ""}}
+                else:
+                    joined[t["index"]]["function"]["arguments"] += t["function"]["arguments"]
+        assert [joined[i] for i in sorted(joined)] == got_calls
+        assert streamed_content == (content or "")
+        for c in got_calls:
+            json.loads(c["function"]["arguments"])
+
+
+def test_template_calls_stream_their_arguments_as_they_are_written():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+    cut = text.index("Paris") + 3
+    calls, content = scan_tool_calls(text[:cut], final=False)
+    assert calls == [("get_weather", '{"city": "Par', False)] and content is None
+    assert scan_tool_calls(text[:text.index('"get_w') + 4], final=False) == ([], None)   # the name not yet whole
+    assert scan_tool_calls("```json\n{", final=False) == ([], None)                       # decided at the end
