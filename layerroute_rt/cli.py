@@ -14,7 +14,9 @@ generate: text prompts through the checkpoint's tokenizer and chat template; pri
 (streamed with --stream), the skip rate per block, the FLOPs skipped and the time per token.
 train: train routers + LoRA on step-typed agentic data (a file in one of data.FORMATS, or
 synthetic trajectories), tokenized with the checkpoint's own tokenizer; the data is split by
-trajectory and the held-out part is never trained on.
+trajectory and the held-out part is never trained on. The same command runs under torchrun
+(`torchrun --nproc-per-node N -m layerroute_rt.cli train ...`): DDP over the routers and LoRA
+only, the step's examples shared out over the ranks, rank 0 writing (layerroute_rt/train.py).
 eval: per step type, on the held-out split and on its length-matched split: skip rate, FLOPs
 skipped, perplexity of the frozen base and of base + adapter; with --seeds, trains one adapter per
 seed and reports the skip differential's mean, std and 95% interval (eval.json, eval.md, PNG).
@@ -273,19 +275,27 @@ def _configs(args: argparse.Namespace):
 
 
 def train_cmd(args: argparse.Namespace) -> int:
+    """One process, or one rank of a torchrun job (the same command under torchrun)."""
     from .data import collate
-    from .train import train
+    from .train import init_distributed, train
 
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     model_dir = Path(args.model)
     train_examples, _, provenance = _experiment_data(args, model_dir)
     lr_cfg, train_cfg = _configs(args)
-    model = load(model_dir, config=lr_cfg, device=args.device, dtype=DTYPES[args.dtype])
+    model = load(model_dir, config=lr_cfg, device=device, dtype=DTYPES[args.dtype])
     model.reset_adapter(args.seed)
-    print(f"train: {len(train_examples)} step examples; adapter -> {Path(args.out) / 'adapter'}")
+    if rank == 0:
+        print(f"train: {len(train_examples)} step examples over {world} rank(s); adapter -> "
+              f"{Path(args.out) / 'adapter'}")
     row = train(model, train_examples, collate, args.out, train_cfg, resume=args.resume)
-    checkpoint.atomic_write_json(Path(args.out) / DATA_RECORD, provenance)
-    print(f"train: done at step {row.get('step')}: loss {row.get('loss', float('nan')):.4f}, "
-          f"skip rate {row.get('skip_rate', float('nan')):.3f}")
+    if rank == 0:
+        checkpoint.atomic_write_json(Path(args.out) / DATA_RECORD, provenance)
+        print(f"train: done at step {row.get('step')}: loss {row.get('loss', float('nan')):.4f}, "
+              f"skip rate {row.get('skip_rate', float('nan')):.3f}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0
 
 
@@ -488,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train routers + LoRA on step-typed agentic data")
     _data_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun: seconds a collective waits for the other ranks before the "
+                        "job fails (default 300)")
     p.set_defaults(func=train_cmd)
     p = sub.add_parser("eval", help="evaluate by step type (and train several seeds with --seeds), "
                                     "or on BFCL with --bfcl")

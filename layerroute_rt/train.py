@@ -12,11 +12,25 @@ With `snapshot_every`, the adapter of every n-th step is also kept, in snapshots
 `resume=True` continues from the last checkpoint exactly: on CPU the adapter after a killed and
 resumed run equals that of an uninterrupted run bit for bit (the data order is a pure function of
 the seed and the step).
+
+Under torch.distributed (torchrun; init_distributed() sets up the process group): the step's
+examples (batch_size x grad_accum, the same global batch at every world size, so a run resumes
+at another world size) are shared out over the ranks, whole micro-batches where grad_accum
+divides by the world size (the sum is the single-process one), else each micro-batch split in
+equal parts (batch_size must then divide; equal to one process where the examples score as
+many tokens). DistributedDataParallel wraps the trainable tensors only (_Trainable: routers and
+LoRA): the frozen backbone is neither broadcast nor all-reduced, and one all-reduce of the
+trainable gradients per step is the traffic (the log's allreduce_bytes). The gates are
+deterministic (no router noise), so the ranks differ only in their data. Rank 0 alone writes the
+log, the checkpoints and the adapter, and reads the checkpoint on resume (sent to the others:
+no shared file system needed); only it shows the progress bar. A collective that fails (a rank
+died, or the process group's timeout passed) raises DistributedFailure naming this rank.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -91,6 +105,103 @@ class TrainingDiverged(RuntimeError):
     """Too many steps had a NaN or infinite loss."""
 
 
+class DistributedFailure(RuntimeError):
+    """A collective with the other ranks failed: one of them died, or the timeout passed."""
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group (nccl on
+    CUDA, gloo on CPU) with a timeout on every collective, and return (rank, world size, this
+    rank's device: cuda:LOCAL_RANK for "cuda"). Without it: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@dataclass(frozen=True)
+class _World:
+    rank: int = 0
+    size: int = 1
+
+
+def _world() -> _World:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return _World(dist.get_rank(), dist.get_world_size())
+    return _World()
+
+
+def _check_world(cfg: TrainConfig, world: _World) -> None:
+    if world.size > 1 and cfg.grad_accum % world.size and cfg.batch_size % world.size:
+        raise ValueError(f"train: the step's {cfg.batch_size} x {cfg.grad_accum} examples cannot be shared "
+                         f"out over {world.size} ranks: grad_accum or batch_size must be a multiple of the "
+                         f"world size")
+
+
+def _rank_micro_batches(n_examples: int, step: int, cfg: TrainConfig, world: _World) -> tuple[list[list[int]], float]:
+    """This rank's micro-batches of optimizer step `step`, and the weight of each one's loss
+    (DDP averages the ranks' gradients)."""
+    micros = _batch_indices(n_examples, step, cfg)
+    W, G = world.size, cfg.grad_accum
+    if W == 1:
+        return micros, 1.0 / G
+    if G % W == 0:                        # whole micro-batches: the sum of one process, x W / W
+        return micros[world.rank::W], W / G
+    k = cfg.batch_size // W               # each micro-batch in W equal parts
+    return [m[world.rank * k:(world.rank + 1) * k] for m in micros], 1.0 / G
+
+
+class _Trainable(torch.nn.Module):
+    """What DistributedDataParallel wraps: the trainable tensors only (a ParameterList of the
+    routers and LoRA); the model is held outside the module tree, so DDP neither broadcasts nor
+    all-reduces the frozen backbone. forward is the model's train_forward."""
+
+    def __init__(self, model: LayerRouteModel, params: list[torch.nn.Parameter]):
+        super().__init__()
+        self.trainable = torch.nn.ParameterList(params)
+        object.__setattr__(self, "model", model)
+
+    def forward(self, input_ids, **kw):
+        return self.model.train_forward(input_ids, **kw)
+
+
+def _on_rank0(world: _World, fn: Callable[[], object]):
+    """fn() on rank 0, its result (or its exception) sent to every rank."""
+    if world.size == 1:
+        return fn()
+    import torch.distributed as dist
+    box = [None]
+    if world.rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:          # every rank raises it
+            box[0] = ("error", e)
+    _collective(world, "broadcast", lambda: dist.broadcast_object_list(box, src=0))
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _collective(world: _World, what: str, fn: Callable[[], object]):
+    try:
+        return fn()
+    except Exception as e:
+        if world.size == 1:
+            raise
+        raise DistributedFailure(f"train: rank {world.rank} of {world.size}: {what} with the other ranks "
+                                 f"failed (one of them died, or the process group's timeout passed): "
+                                 f"{type(e).__name__}: {e}") from e
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at cfg.steps (step counts from 0)."""
     if step < cfg.warmup_steps:
@@ -138,8 +249,12 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     cfg = config or TrainConfig()
     if len(examples) == 0:
         raise ValueError("train: no training examples")
+    world = _world()
+    _check_world(cfg, world)
+    writer = world.rank == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     device = model.model.embed_tokens.weight.device
     pin_routers(model, cfg.never_skip)
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
@@ -153,24 +268,45 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     run = {"layerroute_config": model.lr_config.to_dict(), "n_examples": len(examples),
            "data_fingerprint": _fingerprint(examples)}
     if resume:
-        start, bad_steps = _load_state(model, opt, sched, _checkpoint_dir(out), cfg, run)
-        _truncate_log(out / LOG_FILE, start)
+        shapes = {n: tuple(p.shape) for n, p in model.adapter_state_dict().items()}
+        state = _on_rank0(world, lambda: _read_state(_checkpoint_dir(out), cfg, run, shapes))
+        start, bad_steps = _apply_state(model, opt, sched, state)
+        if writer:
+            _truncate_log(out / LOG_FILE, start)
     else:
-        if _checkpoint_dir(out, required=False) is not None:
-            raise FileExistsError(f"train: {out / CHECKPOINT_DIR} holds an earlier run's checkpoint; "
-                                  f"pass resume=True (--resume) to continue it, or choose a new output directory")
-        (out / LOG_FILE).unlink(missing_ok=True)
+        def fresh():
+            if _checkpoint_dir(out, required=False) is not None:
+                raise FileExistsError(f"train: {out / CHECKPOINT_DIR} holds an earlier run's checkpoint; "
+                                      f"pass resume=True (--resume) to continue it, or choose a new output "
+                                      f"directory")
+            (out / LOG_FILE).unlink(missing_ok=True)
+        _on_rank0(world, fresh)
+    ddp, allreduce_bytes = None, [0]
+    if world.size > 1:                    # after the resume: DDP sends rank 0's tensors to all
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _Trainable(model, params), device_ids=[device.index] if device.type == "cuda" else None)
+
+        def counted_allreduce(_, bucket):
+            allreduce_bytes[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+            return default_hooks.allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, counted_allreduce)
+    forward = ddp if ddp is not None else model.train_forward
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         torch.autocast("cpu", enabled=False)
 
     row: dict = {}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and writer),
                desc="train")
     for step in bar:
         opt.zero_grad(set_to_none=True)
         lr_now = sched.get_last_lr()[0]
         totals = torch.zeros(6, dtype=torch.float64)  # loss, ce, gate, skip rate, distill, context skip
-        for micro in _batch_indices(len(examples), step, cfg):
+        micros, weight = _rank_micro_batches(len(examples), step, cfg, world)
+        allreduce_bytes[0] = 0
+        for m_i, micro in enumerate(micros):
+            last = m_i == len(micros) - 1
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                      for k, v in collate([examples[i] for i in micro]).items()}
             args = dict(labels=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -180,10 +316,14 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
             with autocast:
                 teacher = _teacher_logits(model, batch["input_ids"], args, cfg) \
                     if cfg.distill_weight > 0 else None
-                res = model.train_forward(batch["input_ids"], teacher_logits=teacher,
-                                          distill_weight=cfg.distill_weight,
-                                          label_weight=batch.get("label_weight"), **args)
-            (res.loss / cfg.grad_accum).backward()
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    res = forward(batch["input_ids"], teacher_logits=teacher, distill_weight=cfg.distill_weight,
+                                  label_weight=batch.get("label_weight"), **args)
+            if ddp is not None and last:  # this backward all-reduces the trainable gradients
+                _collective(world, "the gradient all-reduce", lambda: (res.loss * weight).backward())
+            else:
+                with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+                    (res.loss * weight).backward()
             scored = batch["attention_mask"].bool() & batch["loss_mask"].bool()
             skip = 1.0 - res.executed[:, scored].float().mean()       # on the steps' own tokens
             context = batch["attention_mask"].bool() & ~batch["loss_mask"].bool()
@@ -192,8 +332,10 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
             distill = res.distill.detach() if res.distill is not None else torch.zeros((), device=device)
             totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
                                    res.gate_loss.detach().double(), skip.double(),
-                                   distill.double(), skip_ctx.double()]).cpu()
-        totals /= cfg.grad_accum
+                                   distill.double(), skip_ctx.double()]).cpu() * (weight / world.size)
+        if world.size > 1:               # the step's means over every rank's examples
+            import torch.distributed as dist
+            _collective(world, "the log's all-reduce", lambda: dist.all_reduce(totals))
         loss, ce, gate, skip, distill, skip_ctx = totals.tolist()
         # One norm over all gradients: it clips, and it is not finite iff some gradient is not.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
@@ -212,6 +354,10 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
         row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
                "context_skip_rate": skip_ctx, "distill": distill, "lr": lr_now,
                "skipped_update": int(not finite)}
+        if world.size > 1:
+            row["world_size"], row["allreduce_bytes"] = world.size, allreduce_bytes[0]
+        if not writer:
+            continue
         _append_log(out / LOG_FILE, row)
         bar.set_postfix(loss=f"{loss:.3f}", skip=f"{skip:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -219,8 +365,9 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
             (out / "snapshots").mkdir(exist_ok=True)
             model.save_adapter(out / "snapshots" / f"step-{step + 1:05d}")     # atomic
-    model.save_adapter(out / "adapter")
-    checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
+    if writer:
+        model.save_adapter(out / "adapter")
+        checkpoint.atomic_write_json(out / "train_config.json", asdict(cfg))
     return row
 
 
@@ -310,7 +457,8 @@ def _save_state(model, opt, sched, path: Path, step: int, bad_steps: int, cfg: T
                    tmp / STATE_FILE)
 
 
-def _load_state(model, opt, sched, path: Path, cfg: TrainConfig, run: dict) -> tuple[int, int]:
+def _read_state(path: Path, cfg: TrainConfig, run: dict, shapes: dict) -> dict:
+    """The checkpoint at `path` (checked to be this run's), with its adapter tensors."""
     state = torch.load(path / STATE_FILE, weights_only=True)
     saved = {**{f"train_config.{k}": v for k, v in state["train_config"].items()},
              **{f"layerroute_config.{k}": v for k, v in (state.get("layerroute_config") or {}).items()},
@@ -322,7 +470,14 @@ def _load_state(model, opt, sched, path: Path, cfg: TrainConfig, run: dict) -> t
     if diff:
         raise ValueError(f"train --resume: {path / STATE_FILE} was written by another run "
                          f"(saved, now): {json.dumps(diff, default=str)[:2000]}")
-    model.load_adapter(path / "adapter")
+    state["adapter"] = checkpoint.load_adapter_tensors(path / "adapter", shapes)
+    return state
+
+
+def _apply_state(model, opt, sched, state: dict) -> tuple[int, int]:
+    with torch.no_grad():
+        for name, p in model.adapter_state_dict().items():
+            p.copy_(state["adapter"][name])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["bad_steps"]
