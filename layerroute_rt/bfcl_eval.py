@@ -40,7 +40,8 @@ import torch
 from .data.bfcl import CATEGORIES, NO_CALL_CATEGORIES, BfclCase
 from .engine import InferenceModel
 from .flops import FlopsReport, flops_report
-from .generate import decode_router_blocks, generate, generated_flops, load_tokenizer
+from . import grammar
+from .generate import _eos_ids, decode_router_blocks, generate, generated_flops, load_tokenizer
 from .model import LayerRouteModel
 from .toolcalls import parse_tool_calls
 
@@ -329,7 +330,7 @@ class _Tally:
 @torch.no_grad()
 def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence[str] = SETTINGS,
                   max_new_tokens: int | None = None, batch_size: int = 8, tau: float | None = None,
-                  progress=None, batch_q: float = 1.0) -> dict:
+                  progress=None, batch_q: float = 1.0, tool_choice: str | None = None) -> dict:
     """BFCL accuracy and the FLOPs skipped on the generated tokens, per setting and category.
 
     model_or_engine: a LayerRouteModel (loaded from a checkpoint, so that its tokenizer and chat
@@ -340,7 +341,9 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
     max_new_tokens: None takes MAX_NEW_TOKENS by category. Greedy; each sequence ends at EOS.
     Cases are batched by category, longest prompt first (left-padded ragged batches).
     batch_q: the routed setting's batch policy (generate's batch_q; 1: exact per-token skipping).
-    progress: called with a line of text after each batch.
+    progress: called with a line of text after each batch. tool_choice "required": each
+    answer is constrained to calls of its case's functions, arguments following their schemas
+    (layerroute_rt.grammar, in the template's <tool_call> format); None or "auto": free text.
 
     Returns {"settings": {setting: {"tau", "lora", "seconds", "all": summary,
     "categories": {category: summary}, "cases": [{"id", "category", "correct", "error",
@@ -357,6 +360,11 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
     cases = list(cases)
     settings = tuple(settings)
     _check_args(cases, settings, max_new_tokens, batch_size, tau)
+    if tool_choice not in (None, "auto", "required"):
+        raise ValueError(f"evaluate_bfcl: tool_choice must be None, 'auto' or 'required', got {tool_choice!r}")
+    no_call = sorted({c.category for c in cases if c.category in NO_CALL_CATEGORIES})
+    if tool_choice == "required" and no_call:
+        raise ValueError(f"evaluate_bfcl: tool_choice 'required' forces a call, and {no_call} expect none")
     by_category: dict[str, list[BfclCase]] = defaultdict(list)
     for case in cases:
         by_category[case.category].append(case)
@@ -380,8 +388,15 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
             group = sorted(group, key=lambda c: -len(prompts[c.id]))
             for i in range(0, len(group), batch_size):
                 batch = group[i:i + batch_size]
+                processors = None
+                if tool_choice == "required":
+                    eos = frozenset(_eos_ids(engine, "auto"))
+                    processors = [grammar.GrammarProcessor(grammar.compile_constraint(
+                        engine, tok, eos, grammar.constraint_spec(None, list(c.tools), "required")))
+                        for c in batch]
                 out = generate(engine, [prompts[c.id] for c in batch], max_new_tokens=budget[category],
-                               temperature=0.0, tau=run_tau, batch_q=batch_q if setting == "routed" else 1.0)
+                               temperature=0.0, tau=run_tau, batch_q=batch_q if setting == "routed" else 1.0,
+                               logits_processors=processors)
                 width = out.valid.shape[1] - out.stats["decode_steps"]
                 if out.stats["decode_blocks_no_row_ran_pct"] is not None:
                     none_ran[0] += out.stats["decode_blocks_no_row_ran_pct"] * out.stats["decode_steps"]
@@ -409,7 +424,7 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
                     progress(f"bfcl {setting} {category}: {t.n}/{len(group)} cases, {t.correct} right "
                              f"({time.perf_counter() - start:.0f} s)")
         result["settings"][setting] = {
-            "tau": run_tau, "lora": setting != "base", "seconds": time.perf_counter() - start,
+            "tau": run_tau, "tool_choice": tool_choice or "auto", "lora": setting != "base", "seconds": time.perf_counter() - start,
             "batch_q": batch_q if setting == "routed" else 1.0,
             "decode_blocks_no_row_ran_pct": none_ran[0] / none_ran[1] if none_ran[1] else None,
             "all": tallies["all"].summary(),

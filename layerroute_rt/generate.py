@@ -225,7 +225,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
              top_p: float | None = None, stop=None, tau: float | None = None, skip_layers=None,
              stream: bool = False, seed: int | None = None, eos_token_id="auto",
              chat_template: bool = True, sync_every: int = 8, tools=None, batch_q: float = 1.0,
-             response_format=None, tool_choice=None, parallel_tool_calls: bool = True):
+             response_format=None, tool_choice=None, parallel_tool_calls: bool = True,
+             logits_processors=None):
     """Generate up to `max_new_tokens` per sequence with true skipping.
 
     model: an InferenceModel, or a LayerRouteModel, whose engine is built on the first call and
@@ -251,6 +252,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     or tool_choice with tools ("auto", "required" or a named function {"type": "function",
     "function": {"name": ...}}; parallel_tool_calls=False: one call at most) masks each
     sequence's logits with its grammar before sampling; tool_choice "none" renders no tools.
+    logits_processors: one per prompt (or None for a row), each called as (tokens so far,
+    logits [vocab] float32) -> logits before that row's sampling, e.g. a
+    grammar.GrammarProcessor of each row's own grammar (not with response_format/tool_choice).
     A constrained batch reads its tokens on the host every step.
 
     Returns a GenerateOutput, with tool_calls parsed from each text (toolcalls.parse_tool_calls)
@@ -296,6 +300,14 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
         raise ValueError("generate: response_format and tool_choice need an EOS token (eos_token_id) to end "
                          "a sequence whose grammar is complete")
     compiled = grammar.compile_constraint(engine, tok, eos, spec)
+    if logits_processors is not None:
+        if compiled is not None:
+            raise ValueError("generate: logits_processors cannot be combined with response_format or tool_choice "
+                             "(their grammar is a logits processor)")
+        if not isinstance(logits_processors, (list, tuple)) or len(logits_processors) != len(prompts) or \
+                not all(p is None or callable(p) for p in logits_processors):
+            raise ValueError(f"generate: logits_processors must be a list of {len(prompts)} callables or None "
+                             f"(one per prompt)")
     pending: list[deque] = [deque() for _ in prompts]     # tokens not yet given to the stream
 
     def on_token(b: int):
@@ -307,7 +319,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
 
     requests = [Request(prompt=p, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
                         top_p=top_p, seed=None if seed is None else seed + b, eos=eos, on_token=on_token(b),
-                        logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled))
+                        logits_processor=logits_processors[b] if logits_processors is not None else
+                        None if compiled is None else grammar.GrammarProcessor(compiled))
                 for b, p in enumerate(prompts)]
     sched = Scheduler(engine, tau=tau, skip_layers=sorted(skip), max_batch=len(prompts),
                       prefill_chunk=sum(len(p) for p in prompts), batch_q=batch_q,

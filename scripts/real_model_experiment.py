@@ -388,7 +388,8 @@ def paired_summary(report: dict) -> dict:
                             "prompt_total_flops_skipped_pct": prompt.total_skipped_pct,
                             "request_total_flops_skipped_pct": request.total_skipped_pct,
                             "request_block_flops_skipped_pct": request.block_skipped_pct}
-        for a, b in (("routed", "base"), ("lora", "base"), ("routed", "lora")):
+        for a, b in (("routed", "base"), ("lora", "base"), ("routed", "lora"), ("base_required", "base"),
+                     ("routed_required", "routed"), ("routed_required", "base_required")):
             if a in records and b in records:
                 ids = sorted(records[a])
                 row[f"{a}-{b}"] = compare([records[a][i]["correct"] for i in ids],
@@ -423,9 +424,13 @@ def stage_heldout(args) -> None:
         for setting in args.settings:
             if category in report["runs"].get(setting, {}):
                 continue
-            result = evaluate_bfcl(model, cases, settings=(setting,), tau=args.tau, batch_q=args.batch_q,
-                                   batch_size=args.batch, progress=lambda line: print(line, flush=True))
-            report["runs"].setdefault(setting, {})[category] = result["settings"][setting]
+            base_setting, _, choice = setting.partition("_")        # "routed_required": tool_choice required
+            if choice and category not in TOOL_CATEGORIES:
+                continue                                             # a forced call cannot be right there
+            result = evaluate_bfcl(model, cases, settings=(base_setting,), tau=args.tau, batch_q=args.batch_q,
+                                   batch_size=args.batch, progress=lambda line: print(line, flush=True),
+                                   tool_choice=choice or None)
+            report["runs"].setdefault(setting, {})[category] = result["settings"][base_setting]
             report["summary"] = paired_summary(report)
             checkpoint.atomic_write_json(out, report)
     report["summary"] = paired_summary(report)
@@ -602,7 +607,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="heldout: the report (default: WORK/RUN/bfcl_heldout600.json; resumed if present)")
     p.add_argument("--settings", nargs="+", default=["base", "routed", "lora"],
-                   help="heldout: the settings, in the order run")
+                   choices=["base", "routed", "lora", "base_required", "routed_required", "lora_required"],
+                   help="heldout: the settings, in the order run (X_required: X with tool_choice "
+                        "'required', on the six tool-call categories)")
     p.add_argument("--tau", type=float, default=None, help="heldout: routing tau (default: the adapter's)")
     p.add_argument("--categories", nargs="+", choices=list(HELDOUT600), default=None,
                    help="heldout: the categories to run now, in this order (default: all, in HELDOUT600's)")

@@ -248,8 +248,24 @@ def test_evaluate_bfcl_base_engine_from_an_inference_model(demo_model):
     assert from_model["settings"]["base"]["cases"][0]["text"] != from_model["settings"]["routed"]["cases"][0]["text"]
 
 
+def test_evaluate_bfcl_tool_choice_required_gives_calls_that_parse(demo_model):
+    """Constrained to calls of the case's functions, where the free answer is prose."""
+    cases = [BfclCase("simple_python_0", "simple_python", ({"role": "user", "content": "Tell me a joke about cats."},),
+                      (WEATHER,), ({"get_weather": {"city": ["Paris"]}},))]
+    free = be.evaluate_bfcl(demo_model, cases, settings=("routed",), max_new_tokens=60)
+    forced = be.evaluate_bfcl(demo_model, cases, settings=("routed",), max_new_tokens=60, tool_choice="required")
+    assert free["settings"]["routed"]["cases"][0]["calls"] == []
+    calls = forced["settings"]["routed"]["cases"][0]["calls"]
+    assert calls and all(c["name"] == "get_weather" and isinstance(c["arguments"].get("city"), str) for c in calls)
+    assert forced["settings"]["routed"]["tool_choice"] == "required"
+    irrelevant = [BfclCase("irrelevance_0", "irrelevance", ({"role": "user", "content": "Sing."},), (WEATHER,), None)]
+    with pytest.raises(ValueError, match="forces a call"):
+        be.evaluate_bfcl(demo_model, irrelevant, tool_choice="required")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cases=[]), "cases must be a non-empty list"),
+    (dict(tool_choice="any"), "tool_choice must be None, 'auto' or 'required'"),
     (dict(settings=("base", "dense")), "settings must be distinct names"),
     (dict(settings=("base", "base")), "settings must be distinct names"),
     (dict(max_new_tokens=0), "max_new_tokens must be None"),
