@@ -1024,20 +1024,19 @@ def route_kv_ref(h, router_w, router_b, tau, run, index, count, pred, executed, 
                         inv_freq, k_cache, v_cache, valid, slot, rows_per_seq, compute_kv)
     N = h.shape[0]
     if router_w is not None:    # the row list as compact_rows lists it: rows in order, then -1
-        run = torch.sigmoid(h.float() @ router_w + router_b) >= tau
-        executed.copy_(run)
-        listed = run.nonzero().flatten()
+        decided = torch.sigmoid(h.float() @ router_w + router_b) >= tau
+        executed.copy_(decided)
+        listed = decided.nonzero().flatten()
         n_run = listed.numel()
         index[:n_run] = listed
         index[n_run:].fill_(-1)
         count.fill_(n_run)
         pred.fill_(n_run > 0)
-    else:
-        n_run = -1                               # not known without a read
-    if compute_kv and N and n_run != N:
-        rows = None if n_run == 0 else (~run).nonzero().flatten()
+    if compute_kv and N:
+        # with a router, every row (no second reading of the decision); else the rows `run` leaves out
+        rows = None if router_w is not None else (~run).nonzero().flatten()
         if rows is not None and rows.numel() == N:
-            rows = None                          # every row skips: whole tensors
+            rows = None                          # whole tensors
         if rows is None or rows.numel():
             _write_kv_ref(h if rows is None else h[rows], rows, weight, bias, lora_A, lora_B,
                           scale, positions, inv_freq, k_cache, v_cache, valid, slot,
@@ -1050,8 +1049,10 @@ def route_kv(h, router_w, router_b, tau, run, index, count, pred, executed, norm
     """The route stage. With a router (router_w float32 [D], router_b [1], tau): row r of h
     [N, D] runs iff sigmoid(router_w . h[r] + router_b) >= tau; writes executed bool [N], index
     int32 [N] and count int32 [1] as compact_rows makes them, and pred bool (count > 0).
-    Without one, `run` bool [N] gives the decisions. With compute_kv, the rows that do not run
-    get their K and V (input RMSNorm with norm_weight, the k/v rows of the fused qkv `weight`
+    Without one, `run` bool [N] gives the decisions. With compute_kv, K and V are written: with
+    a router, of every row (the decision is made once per row; the body's qkv stage overwrites
+    the running rows' K/V with its own), without one, of the rows `run` leaves out (input
+    RMSNorm with norm_weight, the k/v rows of the fused qkv `weight`
     [q_dim + 2 kv_dim, D] and `bias`, LoRA A/B stacked as the engine stacks them, RoPE) written
     to the cache layer (k_cache, v_cache [B, HKV, S, hd], valid [B, S]) at slot[0] + r %
     rows_per_seq of sequence r // rows_per_seq. One launch on the Triton path."""

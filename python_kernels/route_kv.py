@@ -7,9 +7,12 @@ ROUTE (a router runs): p[r] = sigmoid(w . h[r] + b) in float32 and row r runs if
 program (0, 0) writes executed[r], the compacted rows (index, count, as compact_rows makes
 them) and the predicate pred = count > 0 (the CUDA-graph IF node of the block body reads it).
 Without ROUTE the decisions are given (`run`, sequence granularity or prefill).
-KV: programs (row block, K/V head) write the K/V of the rows that do not run (the rows that run
-get theirs from the qkv stage), and mark their slots valid. Every program that needs the
-decisions of its rows recomputes them (w . h[r]: one row read), so no program waits on another.
+KV: programs (row block, K/V head) write K/V and mark the slots valid: with ROUTE, of every
+row (the rows that run get theirs again from the qkv stage, which overwrites them), so no KV
+program reads or recomputes a decision: it is made once per row, by program (0, 0), and no row
+can lose its K/V to two programs disagreeing near p = tau (the price: the k/v projection of
+the running rows twice, about 1.7% of a block's FLOPs for them). Without ROUTE, of the rows
+that `run` does not list (decisions given: they were made once, elsewhere).
 
 Arguments are checked by layerroute_rt.ops.route_kv.
 """
@@ -21,17 +24,6 @@ import triton.language as tl
 
 from python_kernels import stage_common as sc
 from python_kernels.router import _compact_block, _row_dots
-
-
-@triton.jit
-def _decide(h_ptr, rw_ptr, rb_ptr, run_ptr, rows, in_range, D, tau, ROUTE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    if ROUTE:
-        z = _row_dots(h_ptr, rw_ptr, rows, in_range, D, BLOCK_M, BLOCK_D)
-        run = (tl.sigmoid(z + tl.load(rb_ptr).to(tl.float32)) >= tau) & in_range
-    else:
-        run = (tl.load(run_ptr + rows, mask=in_range, other=0) != 0) & in_range
-    return run
 
 
 @triton.jit
@@ -52,17 +44,17 @@ def _route_kv_kernel(h_ptr, rw_ptr, rb_ptr, run_ptr, index_ptr, count_ptr, pred_
             for start in range(0, N, BLOCK_M):
                 r = start + tl.arange(0, BLOCK_M)
                 in_r = r < N
-                run_r = _decide(h_ptr, rw_ptr, rb_ptr, run_ptr, r, in_r, D, tau, ROUTE,
-                                BLOCK_M, BLOCK_D)
+                z = _row_dots(h_ptr, rw_ptr, r, in_r, D, BLOCK_M, BLOCK_D)
+                run_r = (tl.sigmoid(z + tl.load(rb_ptr).to(tl.float32)) >= tau) & in_r
                 tl.store(exec_ptr + r, run_r.to(tl.uint8), mask=in_r)
                 total = _compact_block(index_ptr, r, run_r, N, total)
             tl.store(count_ptr, total)
             tl.store(pred_ptr, (total > 0).to(tl.uint8))
     if KV:
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_r = r < N
-        run = _decide(h_ptr, rw_ptr, rb_ptr, run_ptr, r, in_r, D, tau, ROUTE, BLOCK_M, BLOCK_D)
-        need = in_r & (run == 0)
+        need = r < N
+        if not ROUTE:
+            need = need & (tl.load(run_ptr + r, mask=need, other=1) == 0)
         if tl.sum(need.to(tl.int32), axis=0) > 0:
             rows = r.to(tl.int64)
             rstd = sc.inv_rms(h_ptr, rows, need, D, eps, BLOCK_M, BLOCK_K)

@@ -154,9 +154,39 @@ def test_route_kv(triton_backend, dtype, routed, compute_kv, lora, bias):
         assert n == {-9.0: 0, 9.0: N}.get(bias, n) and (bias != 0.0 or 0 < n < N)
         assert bool(out["pred"]) == (n > 0)
     assert torch.equal(valid, rvalid)
-    assert torch.equal(valid[:, 1:1 + T].reshape(-1), ~decided if compute_kv else torch.zeros_like(decided))
+    # K/V written: with a router, of every row (no second decision); with given decisions, of
+    # the rows they leave out
+    written = (torch.ones_like(decided) if routed else ~decided) if compute_kv else torch.zeros_like(decided)
+    assert torch.equal(valid[:, 1:1 + T].reshape(-1), written)
     _close(k, rk, ok, dtype, "k")
     _close(v, rv, ov, dtype, "v")
+
+
+def test_route_kv_one_decision_per_row_at_p_equal_tau(triton_backend):
+    """Rows whose router score sits at tau to the last bit (h tiny: p = sigmoid(z) for |z| of a
+    few 1e-7 is 0.5 or one of its float32 neighbours): the row list, the count, the predicate
+    and `executed` are one decision per row, and every row has its K/V whatever it decided."""
+    g = torch.Generator().manual_seed(7)
+    N = 13
+    h = _rand(N, D, g=g) * 2e-7
+    router_w = _rand(D, scale=D ** -0.5, g=g)
+    w, b, _, _ = _weights(torch.float32, False, QD + 2 * KVD, D, g, bias=True)
+    k, v, valid = _cache(N, 3, torch.float32)
+    out = dict(index=torch.zeros(N, dtype=torch.int32, device=DEVICE),
+               count=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+               pred=torch.zeros((), dtype=torch.bool, device=DEVICE),
+               executed=torch.zeros(N, dtype=torch.bool, device=DEVICE))
+    ops.route_kv(h, router_w, torch.zeros(1, device=DEVICE), 0.5, None, out["index"], out["count"], out["pred"],
+                 out["executed"], torch.ones(D, device=DEVICE), EPS, w, b, None, None, 1.0,
+                 torch.arange(N, device=DEVICE), ops.rope_inv_freq(HD, 1e6, DEVICE), k, v, valid,
+                 torch.tensor([1], device=DEVICE), 1, True)
+    ran = out["executed"]
+    n = int(out["count"][0])
+    assert n == int(ran.sum()) and bool(out["pred"]) == (n > 0)
+    assert 0 < n < N                                               # the inputs straddle tau
+    assert out["index"][:n].tolist() == ran.nonzero().flatten().tolist() and (out["index"][n:] == -1).all()
+    assert valid[:, 1].all() and not valid[:, [0, 2]].any()        # every row's K/V, at its slot
+    assert (k[:, :, 1].abs().sum((1, 2)) > 0).all()
 
 
 # linear_scatter_add ---------------------------------------------------------------------------
