@@ -30,6 +30,7 @@ router); a block in `skip` is left out of the step.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,7 @@ class InferenceModel:
         self.stages = Stages(cfg, model.lr_config.scale, self.device)
         self.tokenizer_dir = getattr(model, "source_dir", None)
         self.use_cuda_graphs = use_cuda_graphs
+        self.graph_branch = "conditional_node"   # how a captured step skips a body (the ladder's level)
         self.host_counts = self.device.type != "cuda" if host_counts is None else host_counts
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"InferenceModel: prefix_cache must be True or False, got {prefix_cache!r}")
@@ -340,7 +342,8 @@ class InferenceModel:
         host_counts = self.host_counts if host_counts is None else host_counts
         if self.device.type != "cuda" or host_counts:
             return "host_predicate"
-        if torch.cuda.is_current_stream_capturing() and conditional_nodes_available():
+        if torch.cuda.is_current_stream_capturing() and self.graph_branch == "conditional_node" and \
+                conditional_nodes_available(self.device):
             return "conditional_node"
         return "early_exit"
 
@@ -420,12 +423,42 @@ def read_predicate(pred: torch.Tensor) -> bool:
     return bool(_tensor_item(pred))
 
 
-def conditional_nodes_available() -> bool:
-    """Whether CUDA-graph IF nodes can be captured: torch exposes them and CUDA is 12.4+."""
-    if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
-        return False
+def conditional_nodes_available(device=None) -> bool:
+    """Whether CUDA-graph IF nodes can be captured on `device` (see conditional_nodes_unavailable)."""
+    return conditional_nodes_unavailable(device) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_version() -> int | None:
+    """The CUDA driver's version (12040 for 12.4), from libcuda; None where it cannot be read."""
+    import ctypes
     try:
-        major, minor = (int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+        lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+        return version.value
+    except (OSError, AttributeError):
+        return None
+
+
+def conditional_nodes_unavailable(device=None) -> str | None:
+    """Why CUDA-graph IF nodes cannot be captured here, or None: the device must be CUDA, torch
+    must expose them, and both the CUDA runtime torch was built with and the installed driver
+    must be 12.4 or later (an unreadable driver version is left to the capture check)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return f"{device} is not a CUDA device"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return f"torch {torch.__version__} has no CUDA-graph IF nodes (begin_capture_to_if_node)"
+    try:
+        runtime = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
     except ValueError:
-        return False
-    return (major, minor) >= (12, 4)
+        runtime = (0, 0)
+    if runtime < (12, 4):
+        return f"torch was built with CUDA {torch.version.cuda}; IF nodes need 12.4+"
+    driver = _driver_version()
+    if driver is not None and driver < 12040:
+        return f"the CUDA driver is {driver // 1000}.{driver % 1000 // 10}; IF nodes need 12.4+"
+    return None

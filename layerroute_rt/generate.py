@@ -272,7 +272,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     skipped_block_mode: how the decode step skipped a block body that no row ran
     ("conditional_node": a CUDA-graph IF node; "early_exit": its kernels ran and exited at
     count 0, where IF nodes are not available or without a graph; "host_predicate": the
-    predicate read on the host, on the CPU; None without a decode step),
+    predicate read on the host, on the CPU; None without a decode step), decode_path: the
+    engine's decode path and the ladder it was chosen by (scheduler.decode_path),
     decode_blocks_no_row_ran_pct: over the decode steps, the % of (step, block outside
     skip_layers) pairs that no row still generating ran (the blocks whose weights a batched step need not read; None
     without a decode step).
@@ -411,6 +412,7 @@ def _output(engine, prompts, requests: list[Request], sched_stats: dict, tok,
         "decode_blocks_no_row_ran_pct": sched_stats["blocks_no_row_ran_pct"] if steps else None,
         "cuda_graph": sched_stats["cuda_graph"],
         "skipped_block_mode": sched_stats["skipped_block_mode"] if steps else None,
+        "decode_path": sched_stats["decode_path"],
     }
     text = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
     calls = [parse_tool_calls(t) for t in text] if text is not None else None

@@ -279,12 +279,92 @@ class _Runner:
         self.cache.valid[:, :, first_free:] = False
 
 
+# -- the decode path: a ladder tried once per engine --------------------------------------------
+
+LADDER = ("conditional_node", "early_exit", "eager")
+PROBE_STEPS = 4
+
+
+def decode_path(engine: InferenceModel) -> dict:
+    """How this engine's decode steps run, chosen once (on the first batch) and kept on it:
+    {"mode": "conditional_node" (a CUDA graph, each block body under an IF node),
+    "early_exit" (a CUDA graph whose skipped bodies' kernels exit at count 0) or "eager",
+    "tried": [{"mode", "ok", "reason"}]}. Each graph level is captured and checked against
+    eager decoding on a short greedy decode (PROBE_STEPS tokens of a fixed prompt) before it is
+    used; a level that is unavailable, fails to capture or replay, or decodes other tokens is
+    passed over with one warning giving its reason. Never raises."""
+    found = engine.__dict__.get("_decode_path")
+    if found is not None:
+        return found
+    tried: list[dict] = []
+    if not graphs_possible(engine.device):
+        tried.append({"mode": "graph", "ok": False, "reason": f"no CUDA graphs on {engine.device} (or a "
+                                                              f"decode op without a device-side count)"})
+    elif not engine.use_cuda_graphs:
+        tried.append({"mode": "graph", "ok": False, "reason": "use_cuda_graphs=False"})
+    elif engine.host_counts:
+        tried.append({"mode": "graph", "ok": False, "reason": "host_counts: the predicates are read on the host"})
+    else:
+        from .engine import conditional_nodes_unavailable
+        for mode in LADDER[:2]:
+            why = conditional_nodes_unavailable(engine.device) if mode == "conditional_node" else None
+            if why is None:
+                why = _probe(engine, mode)
+            tried.append({"mode": mode, "ok": why is None, "reason": why})
+            if why is None:
+                break
+            warnings.warn(f"layerroute_rt: decode path {mode!r} not used: {why}")
+    mode = next((t["mode"] for t in tried if t["ok"]), "eager")
+    if mode == "eager":
+        tried.append({"mode": "eager", "ok": True, "reason": None})
+    engine.graph_branch = mode if mode != "eager" else "conditional_node"
+    found = engine.__dict__["_decode_path"] = {"mode": mode, "tried": tried}
+    return found
+
+
+def _probe(engine: InferenceModel, mode: str) -> str | None:
+    """None if a decode captured with `mode` gives eager decoding's greedy tokens, else why not."""
+    prompt = [1 + i * 7919 % (engine.config.vocab_size - 1) for i in range(8)]
+
+    def decode(graph: str | None) -> list[int]:
+        engine.graph_branch = graph or "conditional_node"
+        sched = Scheduler(engine, max_batch=1, tau=engine.lr_config.tau, _graph=graph is not None)
+        req = Request(prompt=prompt, max_new_tokens=PROBE_STEPS)
+        sched.submit(req)
+        try:
+            while sched.has_work():
+                sched.step()
+        finally:
+            sched.close()
+        if req.error is not None:
+            raise req.error
+        return req.tokens
+
+    cache, engine.prefix_cache = engine.prefix_cache, None      # the probe leaves nothing cached
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                       # a capture that falls back fails
+            expected = decode(None)
+            got = decode(mode)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        engine.prefix_cache = cache
+        engine.__dict__.get("_runners", {}).clear()
+    if got != expected:
+        return f"greedy tokens {got} differ from eager decoding's {expected}"
+    return None
+
+
 def runner(engine: InferenceModel, batch: int, cache_len: int, tau: float, skip: frozenset[int],
-           batch_q: float = 1.0) -> _Runner:
+           batch_q: float = 1.0, use_graph: bool | None = None) -> _Runner:
     """The engine's idle runner for this key (most recently used last), marked busy; a private
-    one while that one is busy (another scheduler holds a batch of the same shape)."""
-    use_graph = engine.use_cuda_graphs and not engine.host_counts and graphs_possible(engine.device)
-    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy, batch_q)
+    one while that one is busy (another scheduler holds a batch of the same shape). use_graph
+    (None: the engine's decode_path) captures the step in a CUDA graph."""
+    if use_graph is None:
+        use_graph = decode_path(engine)["mode"] != "eager"
+    key = (batch, cache_len, tau, skip, engine.lr_config.granularity, engine.lr_config.kv_policy, batch_q,
+           use_graph)
     runners = engine.__dict__.setdefault("_runners", {})
     found = runners.pop(key, None)
     if found is not None and found.busy:
@@ -394,7 +474,7 @@ class Scheduler:
 
     def __init__(self, engine: InferenceModel, tau: float | None = None, skip_layers=None,
                  max_batch: int = 32, prefill_chunk: int = 256, batch_q: float = 1.0,
-                 sync_every: int = 1, tok="auto"):
+                 sync_every: int = 1, tok="auto", _graph: bool | None = None):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("sync_every", sync_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Scheduler: {name} must be an integer >= 1, got {value!r}")
@@ -404,6 +484,7 @@ class Scheduler:
         self.batch_q = check_batch_q(batch_q, engine)
         self.max_batch, self.prefill_chunk, self.sync_every = max_batch, prefill_chunk, sync_every
         self.key = prefix_key(engine, self.tau, self.skip, self.batch_q)
+        self._graph = _graph                # None: the engine's decode path (decode_path)
         self.tok = load_tokenizer(engine) if tok == "auto" else tok
         self.router_blocks = decode_router_blocks(engine, self.tau, self.skip)
         self._lock = threading.Lock()
@@ -478,7 +559,8 @@ class Scheduler:
                 "batch_q": self.batch_q, "tau": self.tau, "capacity": len(self.rows),
                 "running": self.running, "waiting": self.waiting,
                 "cuda_graph": bool(self.runner is not None and self.runner.graphs),
-                "skipped_block_mode": None if self.runner is None else self.runner.branch_mode}
+                "skipped_block_mode": None if self.runner is None else self.runner.branch_mode,
+                "decode_path": self.engine.__dict__.get("_decode_path")}
 
     # -- one iteration ------------------------------------------------------------------------
 
@@ -700,7 +782,7 @@ class Scheduler:
                                                         seq_exec=None if c.seq_exec is None else c.seq_exec.clone()),
                                   state=SimpleNamespace(positions=st.positions.clone(), tokens=st.tokens.clone()))
         else:
-            new = runner(self.engine, capacity, cache_len, self.tau, self.skip, self.batch_q)
+            new = runner(self.engine, capacity, cache_len, self.tau, self.skip, self.batch_q, self._graph)
             src = old
         new.reset(S)
         cache, state = new.cache, new.state

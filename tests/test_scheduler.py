@@ -6,7 +6,9 @@ request's prefill decisions; a seeded request's tokens do not depend
 on its companions; a per-row logits processor; cancel; padding rows run nothing and write
 nowhere; the policy at q = 1 is today's step, at q < 1 it skips a block for the whole batch
 exactly when the routers' votes say so."""
+import contextlib
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -354,3 +356,74 @@ def test_logprobs_are_the_raw_logits_log_softmax(engine, prompts):
                 assert [t for t, _ in top] == ref[i].topk(k).indices.tolist()
                 assert top[0][0] == req.tokens[i]         # greedy: the chosen token is the best
     assert banned not in masked.tokens
+
+
+# -- the decode path ladder (scheduler.decode_path) ----------------------------------------------
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay runs the step eagerly, or with a
+    wrong token where `corrupt`."""
+
+    def __init__(self, runner, corrupt):
+        self.runner, self.corrupt = runner, corrupt
+
+    def replay(self):
+        self.runner._eager_step()
+        if self.corrupt:
+            self.runner.greedy_next.add_(1)
+
+
+def _ladder_engine(monkeypatch, fail: dict):
+    """A fresh demo engine on which graphs 'exist' (graphs_possible, IF nodes available), and
+    whose capture fails as `fail` says per level: "raise", "wrong" (other tokens) or None."""
+    from layerroute_rt import engine as engine_mod
+    from layerroute_rt import scheduler as sched_mod
+    monkeypatch.setattr(sched_mod, "graphs_possible", lambda device: True)
+    monkeypatch.setattr(engine_mod, "conditional_nodes_unavailable",
+                        lambda device=None: "no IF nodes (test)" if fail.get("conditional_node") == "absent" else None)
+
+    def capture(self):
+        level = self.engine.graph_branch
+        if fail.get(level) == "raise":
+            raise RuntimeError(f"capture failed at {level} (test)")
+        graph = _FakeGraph(self, fail.get(level) == "wrong")
+        self.graphs[self.state.active is not None] = graph
+        return graph
+
+    monkeypatch.setattr(sched_mod._Runner, "_capture", capture)
+    eng = lr.InferenceModel(lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter"))
+    eng.host_counts = False
+    return eng
+
+
+@pytest.mark.parametrize("fail, chosen", [
+    ({}, "conditional_node"),
+    ({"conditional_node": "raise"}, "early_exit"),
+    ({"conditional_node": "absent"}, "early_exit"),
+    ({"conditional_node": "wrong", "early_exit": "raise"}, "eager"),
+])
+def test_decode_path_ladder_takes_the_first_level_that_decodes_like_eager(monkeypatch, prompts, fail, chosen):
+    from layerroute_rt.scheduler import decode_path
+    eng = _ladder_engine(monkeypatch, fail)
+    with pytest.warns(UserWarning, match="decode path") if fail else contextlib.nullcontext():
+        decode_path(eng)
+    assert len(eng.prefix_cache) == 0 and not eng.__dict__.get("_runners")   # the probe left nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # chosen once: no second warning
+        out = lr.generate(eng, [prompts[0]], max_new_tokens=6, eos_token_id=None)
+    path = out.stats["decode_path"]
+    assert path["mode"] == chosen and path["tried"][-1] == {"mode": chosen, "ok": True, "reason": None}
+    reasons = {t["mode"]: t["reason"] for t in path["tried"] if not t["ok"]}
+    for level, how in fail.items():
+        expected = {"raise": "capture failed", "absent": "no IF nodes", "wrong": "differ from eager"}[how]
+        assert expected in reasons[level], reasons
+    assert out.tokens[0] == alone(engine_for_demo(), prompts[0], 6)     # whatever the path: eager's tokens
+
+
+def engine_for_demo():
+    return lr.InferenceModel(lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter"), prefix_cache=False)
+
+
+def test_decode_path_on_the_cpu_is_eager_with_its_reason(engine):
+    path = lr.generate(engine, "hi", max_new_tokens=2).stats["decode_path"]
+    assert path["mode"] == "eager" and "no CUDA graphs on cpu" in path["tried"][0]["reason"]
