@@ -72,4 +72,7 @@ def _extension():
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+# LAYERROUTE_NO_EXTENSION=1: the Python package alone (the decode runs Triton kernels and torch;
+# gpu_checks.sh quick installs so, to build nothing the decode does not use).
+setup(ext_modules=[] if _env_flag("LAYERROUTE_NO_EXTENSION") else [_extension()],
+      cmdclass={"build_ext": BuildExtension})

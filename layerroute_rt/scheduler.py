@@ -248,9 +248,10 @@ class _Runner:
         torch.argmax(self.state.logits, -1, out=self.greedy_next)
         self.branch_mode = self.engine.last_branch_mode
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def _capture(self, debug: bool = False) -> torch.cuda.CUDAGraph:
         """Warm up once on a side stream (Triton compiles and autotunes there), undo its writes
-        to the decode state and the cache, then capture one step."""
+        to the decode state and the cache, then capture one step (debug: with the graph's debug
+        mode on, for its DOT dump)."""
         st = self.state
         saved = (st.positions.clone(), st.slot.clone(), st.length.clone(), st.tokens.clone(),
                  st.executed.clone(), st.pred.clone(), int(st.slot[0]))
@@ -261,6 +262,8 @@ class _Runner:
         torch.cuda.current_stream().wait_stream(side)
         self._restore(saved)
         graph = torch.cuda.CUDAGraph()
+        if debug:
+            graph.enable_debug_mode()
         with torch.cuda.graph(graph):
             self._eager_step()
         self._restore(saved)               # capture records; restoring again is harmless
