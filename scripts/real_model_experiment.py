@@ -494,6 +494,87 @@ def stage_stepeval(args) -> None:
     print(json.dumps(report, indent=1)[:4000])
 
 
+SCREEN_RULE = """Checkpoint screening and the choice before the held-out run (fixed before it runs):
+1. screen: every snapshot of the run (and the shipped adapter, the reference), at tau 0.5,
+   teacher-forced on the frozen base's own greedy answers to the VALIDATION pool's tool-call
+   cases: % of total FLOPs skipped over whole requests (prompt + answer) and top-1 agreement
+   of the routed model's next-token choice with the base's answer tokens;
+2. the candidate is the snapshot with the most whole-request FLOPs skipped among those whose
+   agreement is at least the reference's minus 1 point;
+3. it is accepted if on the VALIDATION pool's BFCL cases (routed against the frozen base,
+   paired) routed - base is at least -2 points; else the next snapshot by (2) is tried;
+4. the accepted one alone runs the held-out 600, once."""
+
+
+def validation_base_answers(args, validation) -> dict:
+    """The frozen base's greedy answers to the validation pool's tool-call cases (computed once,
+    cached in <work>/validation_base.json): evaluate_bfcl's base records, by case id."""
+    from layerroute_rt.bfcl_eval import evaluate_bfcl
+    path = args.work / "validation_base.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = lr.load(real_model.fetch_model(), dtype=torch.float32)
+    cases = [c for cat in TOOL_CATEGORIES for c in validation[cat]]
+    result = evaluate_bfcl(model, cases, settings=("base",), batch_size=args.batch,
+                           progress=lambda line: print(line, flush=True))["settings"]["base"]
+    records = {r["id"]: r for r in result["cases"]}
+    checkpoint.atomic_write_json(path, records)
+    return records
+
+
+def stage_screen(args) -> None:
+    """Screening (SCREEN_RULE, steps 1-2): each adapter of --screen (default: the run's
+    snapshots, and the shipped adapter as the reference) teacher-forced on the base's greedy
+    answers to the validation pool; writes <run>/screen.json."""
+    from transformers import AutoTokenizer
+    from layerroute_rt.bfcl_eval import render_prompt
+    from layerroute_rt.flops import FlopsReport, flops_report
+    data_dir, model_dir = real_model.fetch_bfcl(), real_model.fetch_model()
+    validation, _ = eval_splits(args.work, data_dir)
+    answers = validation_base_answers(args, validation)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    cases = [c for cat in TOOL_CATEGORIES for c in validation[cat]]
+    seqs = []
+    for c in cases:
+        answer = tok.encode(answers[c.id]["text"], add_special_tokens=False) + [eos]
+        seqs.append((render_prompt(tok, c), answer))
+    adapters = args.screen or [SHIPPED / "adapter", *sorted((args.work / args.run / "snapshots").iterdir())]
+    tau = 0.5 if args.tau is None else args.tau
+    rows = []
+    for adapter in adapters:
+        model = lr.load(model_dir, adapter=adapter, dtype=torch.float32)
+        sums = {part: [0.0] * 4 for part in ("prompt", "answer", "request")}
+        agree = total = 0
+        with torch.no_grad():
+            for prompt, answer in seqs:
+                ids = torch.tensor([prompt + answer])
+                out = model.train_forward(ids, tau=tau, full_logits=True)
+                executed = out.executed                                  # [L, 1, T]
+                T, P = ids.shape[1], len(prompt)
+                pred = out.logits[0, P - 1:T - 1].argmax(-1)
+                agree += int((pred == ids[0, P:]).sum())
+                total += len(answer)
+                positions = torch.arange(1, T + 1)[None]
+                for part, sl in (("prompt", slice(0, P)), ("answer", slice(P, T)), ("request", slice(0, T))):
+                    r = flops_report(model.config, model.lr_config, executed[:, :, sl], positions[:, sl])
+                    for i, v in enumerate((r.block_flops, r.block_flops_run, r.total_flops, r.total_flops_run)):
+                        sums[part][i] += v
+        row = {"adapter": str(adapter), "tau": tau, "agreement": agree / total, "answer_tokens": total,
+               **{f"{part}_total_flops_skipped_pct": FlopsReport(*v).total_skipped_pct for part, v in sums.items()},
+               "request_block_flops_skipped_pct": FlopsReport(*sums["request"]).block_skipped_pct}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    reference = rows[0]
+    eligible = [r for r in rows[1:] if r["agreement"] >= reference["agreement"] - 0.01]
+    candidates = sorted(eligible, key=lambda r: -r["request_total_flops_skipped_pct"])
+    report = {"rule": SCREEN_RULE, "cases": len(cases), "rows": rows, "reference": reference["adapter"],
+              "candidates_in_order": [r["adapter"] for r in candidates],
+              "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
+    checkpoint.atomic_write_json(args.out or args.work / args.run / "screen.json", report)
+    print(json.dumps({"candidates_in_order": report["candidates_in_order"]}, indent=1))
+
+
 def stage_reqtime(args) -> None:
     """Whole-request time and FLOPs at batch 1: --reqtime-cases validation-pool cases per
     tool-call category (kept aside from the held-out eval), each generated for exactly
@@ -559,7 +640,7 @@ def stage_reqtime(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau",
-                                      "valueskip", "heldout", "reqtime"))
+                                      "valueskip", "heldout", "reqtime", "screen"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
     p.add_argument("--threads", type=int, default=2)
@@ -614,6 +695,9 @@ def main(argv=None) -> int:
     p.add_argument("--categories", nargs="+", choices=list(HELDOUT600), default=None,
                    help="heldout: the categories to run now, in this order (default: all, in HELDOUT600's)")
     p.add_argument("--batch-q", type=float, default=1.0, help="heldout: the routed setting's batch policy")
+    p.add_argument("--screen", type=Path, nargs="+", default=None,
+                   help="screen: adapter directories, the first the reference (default: the shipped "
+                        "adapter, then the run's snapshots)")
     p.add_argument("--reqtime-cases", type=int, default=1, help="reqtime: validation cases per tool-call category")
     p.add_argument("--reqtime-tokens", type=int, default=32, help="reqtime: tokens generated per request")
     p.add_argument("--reqtime-repeats", type=int, default=2, help="reqtime: interleaved repeats per case")
@@ -622,7 +706,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
      "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip,
-     "heldout": stage_heldout, "reqtime": stage_reqtime}[args.stage](args)
+     "heldout": stage_heldout, "reqtime": stage_reqtime, "screen": stage_screen}[args.stage](args)
     return 0
 
 
