@@ -9,21 +9,15 @@
 
 TORCH_LIBRARY(layerroute, m) {
   m.def("compact_rows(Tensor mask) -> (Tensor index, Tensor count)");
-  m.def("gather_rows(Tensor x, Tensor index, Tensor count, Tensor(a!) out) -> ()");
-  m.def("scatter_add_rows(Tensor(a!) residual, Tensor src, Tensor index, Tensor count) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(layerroute, CPU, m) {
   m.impl("compact_rows", &layerroute::compact_rows_cpu);
-  m.impl("gather_rows", &layerroute::gather_rows_cpu);
-  m.impl("scatter_add_rows", &layerroute::scatter_add_rows_cpu);
 }
 
 #ifdef LAYERROUTE_WITH_CUDA
 TORCH_LIBRARY_IMPL(layerroute, CUDA, m) {
   m.impl("compact_rows", &layerroute::compact_rows_cuda);
-  m.impl("gather_rows", &layerroute::gather_rows_cuda);
-  m.impl("scatter_add_rows", &layerroute::scatter_add_rows_cuda);
 }
 #endif
 

@@ -118,11 +118,12 @@ def _custom_op(name: str, schema: str, mutates: tuple[str, ...]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Row compaction, gather and scatter for per-token block skipping (DESIGN.md section 4).
-# Shapes are fixed (the most rows a step can have) and the live row count stays on the device
-# as an int32 tensor of shape [1]; kernels exit early past it, so nothing syncs with the host.
-# The references read the count on the host: they are the oracle (and the CPU path).
-# Argument checks mirror csrc/checks.h: TypeError for a dtype, ValueError for the rest.
+# Row compaction for per-token block skipping (DESIGN.md section 4), and the row-list checks
+# the ops below share. Shapes are fixed (the most rows a step can have) and the live row count
+# stays on the device as an int32 tensor of shape [1]; kernels exit early past it, so nothing
+# syncs with the host. The references read the count on the host: they are the oracle (and
+# the CPU path). Argument checks, as in csrc/checks.h: TypeError for a dtype, ValueError for
+# the rest.
 
 _ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -166,8 +167,9 @@ def _live_rows(
     op: str, index: torch.Tensor, count: torch.Tensor, n_rows: int, unique: bool,
     live: int | None = None,
 ) -> torch.Tensor:
-    """index[:count] as int64, checked as the compiled CPU ops check it (syncs with the host;
-    `live`: the count, already read). One row is left to torch's own bounds check."""
+    """index[:count] as int64, checked: count in [0, M], rows in [0, n_rows), with `unique` no
+    row twice (syncs with the host; `live`: the count, already read). One row is left to
+    torch's own bounds check."""
     live = count.item() if live is None else live
     if not 0 <= live <= index.shape[0]:
         raise ValueError(f"{op}: `count` is {live}, outside [0, M = {index.shape[0]}]")
@@ -231,123 +233,6 @@ def compact_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if backend("compact_rows", mask.device) == "cuda":
         return torch.ops.layerroute.compact_rows(mask)
     return compact_rows_ref(mask)
-
-
-# Triton versions of gather_rows and scatter_add_rows.
-try:
-    from python_kernels import rows as _rows_triton
-
-    _TRITON_KERNELS.update(("gather_rows", "scatter_add_rows"))
-except ImportError:  # no Triton: the compiled ops or the references run
-    _rows_triton = None
-
-
-# gather_rows ----------------------------------------------------------------------------------
-
-
-def _check_gather_rows(
-    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor, out: torch.Tensor
-) -> None:
-    op = "gather_rows"
-    _check_rows(op, x, "x")
-    _check_rows(op, out, "out")
-    _check_index_count(op, index, count, x, "x")
-    _check_device(op, out, "out", x, "x")
-    if out.dtype != x.dtype:
-        raise TypeError(f"{op}: `out` must have the dtype of `x` ({x.dtype}), got {out.dtype}")
-    if out.shape != (index.shape[0], x.shape[1]):
-        raise ValueError(
-            f"{op}: `out` must have shape [M, D] = [{index.shape[0]}, {x.shape[1]}] "
-            f"(M from `index`, D from `x`), got {list(out.shape)}"
-        )
-
-
-def gather_rows_ref(
-    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor, out: torch.Tensor
-) -> None:
-    _check_gather_rows(x, index, count, out)
-    rows = _live_rows("gather_rows", index, count, x.shape[0], unique=False)
-    out[: rows.numel()] = x[rows]
-
-
-@_compiled_op("gather_rows")
-def _gather_rows_fake(
-    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor, out: torch.Tensor
-) -> None:
-    _check_gather_rows(x, index, count, out)
-
-
-def gather_rows(
-    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor, out: torch.Tensor
-) -> None:
-    """out[i] = x[index[i]] for i < count; rows of `out` past the count are left as they are.
-
-    x [N, D], out [M, D] (same dtype, contiguous), index int32 [M], count int32 [1].
-    """
-    chosen = backend("gather_rows", x.device)
-    if chosen == "cuda":
-        torch.ops.layerroute.gather_rows(x, index, count, out)
-    elif chosen == "triton":
-        _check_gather_rows(x, index, count, out)
-        _rows_triton.gather_rows(x, index, count, out)
-    else:
-        gather_rows_ref(x, index, count, out)
-
-
-# scatter_add_rows -----------------------------------------------------------------------------
-
-
-def _check_scatter_add_rows(
-    residual: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: torch.Tensor
-) -> None:
-    op = "scatter_add_rows"
-    _check_rows(op, residual, "residual")
-    _check_rows(op, src, "src")
-    _check_index_count(op, index, count, residual, "residual")
-    _check_device(op, src, "src", residual, "residual")
-    if src.dtype != residual.dtype:
-        raise TypeError(
-            f"{op}: `src` must have the dtype of `residual` ({residual.dtype}), got {src.dtype}"
-        )
-    if src.shape != (index.shape[0], residual.shape[1]):
-        raise ValueError(
-            f"{op}: `src` must have shape [M, D] = [{index.shape[0]}, {residual.shape[1]}] "
-            f"(M from `index`, D from `residual`), got {list(src.shape)}"
-        )
-
-
-def scatter_add_rows_ref(
-    residual: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: torch.Tensor
-) -> None:
-    _check_scatter_add_rows(residual, src, index, count)
-    rows = _live_rows("scatter_add_rows", index, count, residual.shape[0], unique=True)
-    summed = residual[rows].float() + src[: rows.numel()].float()
-    residual[rows] = summed.to(residual.dtype)
-
-
-@_compiled_op("scatter_add_rows")
-def _scatter_add_rows_fake(
-    residual: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: torch.Tensor
-) -> None:
-    _check_scatter_add_rows(residual, src, index, count)
-
-
-def scatter_add_rows(
-    residual: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: torch.Tensor
-) -> None:
-    """residual[index[i]] += src[i] for i < count, added in fp32 and rounded once.
-
-    residual [N, D], src [M, D] (same dtype, contiguous), index int32 [M] with unique rows
-    (as compact_rows makes them), count int32 [1].
-    """
-    chosen = backend("scatter_add_rows", residual.device)
-    if chosen == "cuda":
-        torch.ops.layerroute.scatter_add_rows(residual, src, index, count)
-    elif chosen == "triton":
-        _check_scatter_add_rows(residual, src, index, count)
-        _rows_triton.scatter_add_rows(residual, src, index, count)
-    else:
-        scatter_add_rows_ref(residual, src, index, count)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ two cast launches a wrapper-side A.to(x.dtype) would add to every decode call.
   rounding u, which would otherwise be as large as the output's own rounding.
 - With a row list, programs whose rows all lie past the count return before any load, so a
   count of 0 reads no weights; rows of y past the count are not written (left uninitialised).
-  An entry of index outside [0, rows of x) is skipped: its row of y is not written either
-  (as the compiled gather / scatter kernels do), so a bad index cannot read out of bounds.
+  An entry of index outside [0, rows of x) is skipped: its row of y is not written either,
+  so a bad index cannot read out of bounds.
 
 Backward: dx = dy W + s (dy B) A has the forward's shape with W^T, B^T and A^T in the roles of
 W, A and B, so it is the same kernel launched on transposed views, and it stores dy B [M, r]

@@ -45,8 +45,7 @@ def _report(result: subprocess.CompletedProcess) -> dict:
 
 
 # Kernels whose first tensor is the data (the others start with a float32 workspace).
-DATA_KERNELS = ("_lora_linear_kernel", "_partial_kernel", "_gather_rows_kernel", "_scatter_add_rows_kernel",
-                "_token_scores_kernel", "_seq_partial_kernel")
+DATA_KERNELS = ("_lora_linear_kernel", "_partial_kernel", "_token_scores_kernel", "_seq_partial_kernel")
 # The fused block-stage kernels: compiled in bf16 and fp32 in CI (the slowest to compile).
 STAGE_KERNELS = ("_qkv_rope_kernel", "_route_kv_kernel", "_linear_scatter_add_kernel",
                  "_norm_gate_up_kernel", "_norm_linear_kernel")
@@ -73,7 +72,7 @@ def test_every_kernel_compiles_for_sm80_sm89_and_sm90():
         assert proc.returncode == 0, f"sm_{arch}: exit {proc.returncode}\n{err[-3000:]}"
         # Every case compiled something, in every dtype: all four kernel files, the autotuned
         # LoRA launches.
-        assert report["cases"] >= 60 and report["kernels_compiled"] >= 100, report
+        assert report["cases"] >= 49 and report["kernels_compiled"] >= 82, report
         assert report["autotuned_launches"] >= 25, report
         for name in DATA_KERNELS:
             assert report["dtypes"].get(name) == ["bfloat16", "float16", "float32"], (name, report["dtypes"])

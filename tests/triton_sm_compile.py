@@ -154,7 +154,7 @@ def _cases():
 
 def _dtype_cases(dt: torch.dtype, every_shape: bool):
     from python_kernels import (decode_attention, linear_scatter_add, lora_linear, norm_gate_up,
-                                norm_linear, qkv_rope, route_kv, router, rows)
+                                norm_linear, qkv_rope, route_kv, router)
 
     tag = str(dt).removeprefix("torch.")
     cases = []
@@ -230,14 +230,6 @@ def _dtype_cases(dt: torch.dtype, every_shape: bool):
             p, _, _ = router.RouteSequences.apply(hs, w, bias, 0.5, torch.ones(hs.shape[:2], dtype=torch.bool))
             p.sum().backward()
         add(f"router backward N={n_rows} D={d}", backward)
-
-    # --- row kernels: decode (1 row), batch, prefill; Qwen 0.5B / 1.5B / 7B widths, odd.
-    for m, d in pick([(1, 896), (64, 1536), (4096, 896), (2048, 3584), (37, 100)], short=(0, 2, 4)):
-        def row_ops(m=m, d=d):
-            x, index = rnd(2 * m, d), idx(m, 2 * m)
-            rows.gather_rows(x, index, one, rnd(m, d))
-            rows.scatter_add_rows(x, rnd(m, d), index, one)
-        add(f"rows M={m} D={d}", row_ops)
 
     # --- decode attention: (rows, q heads, KV heads, head dim, slots) of Qwen2.5-0.5B, 1.5B and
     # 7B, and odd sizes.
