@@ -181,13 +181,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class _SamplingRequest(BaseModel):
+    """The fields chat and completions requests share."""
     model: str
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = None
-    tool_choice: Any = None
-    max_tokens: int | None = _positive()
-    max_completion_tokens: int | None = _positive()
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
@@ -195,11 +191,21 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, strict=True)
+    response_format: dict | None = None
+    ignore_eos: bool = False          # extension (as vLLM's): generate up to max_tokens
+
+    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    max_tokens: int | None = _positive()
+    max_completion_tokens: int | None = _positive()
     logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     parallel_tool_calls: bool = Field(default=True, strict=True)
-    response_format: dict | None = None
-    ignore_eos: bool = False          # extension (as vLLM's): generate up to max_tokens
 
     @field_validator("tool_choice")
     @classmethod
@@ -213,29 +219,15 @@ class ChatCompletionRequest(BaseModel):
             return v["function"]["name"]
         raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
 
-    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
 
-
-class CompletionRequest(BaseModel):
+class CompletionRequest(_SamplingRequest):
     """POST /v1/completions: a prompt as text or token ids (or a list of either), no template."""
-    model: str
     prompt: Any
     max_tokens: int | None = Field(default=16, ge=1, strict=True)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
-    stop: Any = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, strict=True)
     logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    response_format: dict | None = None
-    ignore_eos: bool = False
-
-    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
 
     @field_validator("prompt")
     @classmethod
