@@ -541,8 +541,14 @@ def stage_screen(args) -> None:
         seqs.append((render_prompt(tok, c), answer))
     adapters = args.screen or [SHIPPED / "adapter", *sorted((args.work / args.run / "snapshots").iterdir())]
     tau = 0.5 if args.tau is None else args.tau
+    out_path = args.out or args.work / args.run / "screen.json"
+    done = {(r["adapter"], r["tau"]): r for r in
+            (json.loads(out_path.read_text())["rows"] if out_path.is_file() else [])}   # resumed
     rows = []
     for adapter in adapters:
+        if (str(adapter), tau) in done:
+            rows.append(done[(str(adapter), tau)])
+            continue
         model = lr.load(model_dir, adapter=adapter, dtype=torch.float32)
         sums = {part: [0.0] * 4 for part in ("prompt", "answer", "request")}
         agree = total = 0
@@ -565,13 +571,14 @@ def stage_screen(args) -> None:
                "request_block_flops_skipped_pct": FlopsReport(*sums["request"]).block_skipped_pct}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        checkpoint.atomic_write_json(out_path, {"rows": list(done.values()) + rows, "partial": True})
     reference = rows[0]
     eligible = [r for r in rows[1:] if r["agreement"] >= reference["agreement"] - 0.01]
     candidates = sorted(eligible, key=lambda r: -r["request_total_flops_skipped_pct"])
     report = {"rule": SCREEN_RULE, "cases": len(cases), "rows": rows, "reference": reference["adapter"],
               "candidates_in_order": [r["adapter"] for r in candidates],
               "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
-    checkpoint.atomic_write_json(args.out or args.work / args.run / "screen.json", report)
+    checkpoint.atomic_write_json(out_path, report)
     print(json.dumps({"candidates_in_order": report["candidates_in_order"]}, indent=1))
 
 
