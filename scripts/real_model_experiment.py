@@ -571,7 +571,8 @@ def stage_screen(args) -> None:
                "request_block_flops_skipped_pct": FlopsReport(*sums["request"]).block_skipped_pct}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        checkpoint.atomic_write_json(out_path, {"rows": list(done.values()) + rows, "partial": True})
+        kept = {**done, **{(r["adapter"], r["tau"]): r for r in rows}}
+        checkpoint.atomic_write_json(out_path, {"rows": list(kept.values()), "partial": True})
     reference = rows[0]
     eligible = [r for r in rows[1:] if r["agreement"] >= reference["agreement"] - 0.01]
     candidates = sorted(eligible, key=lambda r: -r["request_total_flops_skipped_pct"])
