@@ -238,6 +238,29 @@ def render_prompt(tok, case: BfclCase) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+_JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object", "null"})
+
+
+def grammar_tools(case: BfclCase) -> list[dict]:
+    """The case's tools as the grammar of tool_choice "required" takes them: a schema node
+    whose type is not a JSON-schema type (Java's and JavaScript's String, HashMap, long, ...,
+    whose values the checker compares as text) admits any JSON value, its items and properties
+    dropped; the rest is the tools the prompt shows."""
+    def convert(node: dict) -> dict:
+        kind = node.get("type")
+        if isinstance(kind, str) and kind not in _JSON_TYPES:
+            return {k: v for k, v in node.items() if k == "description"}
+        out = dict(node)
+        if isinstance(node.get("properties"), dict):
+            out["properties"] = {name: convert(s) if isinstance(s, dict) else s
+                                 for name, s in node["properties"].items()}
+        if isinstance(node.get("items"), dict):
+            out["items"] = convert(node["items"])
+        return out
+    return [{"type": "function", "function": {**t["function"], "parameters": convert(t["function"]["parameters"])}}
+            for t in case.tools]
+
+
 def _engines(model_or_engine, settings: Sequence[str]):
     """(setting, engine) in order; the base engine (LoRA off) and the adapter's (LoRA merged, or
     the engine given) are each built once, the base one dropped when done."""
@@ -392,7 +415,7 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
                 if tool_choice == "required":
                     eos = frozenset(_eos_ids(engine, "auto"))
                     processors = [grammar.GrammarProcessor(grammar.compile_constraint(
-                        engine, tok, eos, grammar.constraint_spec(None, list(c.tools), "required")))
+                        engine, tok, eos, grammar.constraint_spec(None, grammar_tools(c), "required")))
                         for c in batch]
                 out = generate(engine, [prompts[c.id] for c in batch], max_new_tokens=budget[category],
                                temperature=0.0, tau=run_tau, batch_q=batch_q if setting == "routed" else 1.0,

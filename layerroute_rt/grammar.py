@@ -159,23 +159,73 @@ def compile_constraint(engine, tok, eos: frozenset[int], spec):
 
 
 class GrammarProcessor:
-    """One sequence's matcher, as a scheduler logits processor: (tokens so far, logits
-    [vocab]) -> the logits with every token the grammar forbids at -inf."""
+    """One sequence's matcher. The scheduler advances it and fills its row of a batch bitmask
+    together with the batch's other constrained rows (`BatchMask`); called as a plain logits
+    processor, (tokens so far, logits [vocab]) -> the logits with every token the grammar
+    forbids at -inf, it does the same for one row."""
 
     def __init__(self, compiled):
         xgr = _xgrammar()
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.mask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+        self.vocab_size = compiled.tokenizer_info.vocab_size
+        self.mask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self.accepted = 0
 
-    def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def advance(self, tokens: list[int]) -> None:
+        """Accept the tokens sampled since the last call (a RuntimeError if one was forbidden)."""
         for t in tokens[self.accepted:]:
             if not self.matcher.accept_token(t):
                 raise RuntimeError(f"grammar: token {t} was sampled against its mask")
         self.accepted = len(tokens)
+
+    def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.advance(tokens)
         self._xgr.reset_token_bitmask(self.mask)
         self.matcher.fill_next_token_bitmask(self.mask)
         masked = logits[None]
         self._xgr.apply_token_bitmask_inplace(masked, self.mask.to(logits.device))
         return masked[0]
+
+
+class BatchMask:
+    """The bitmasks of one batch's constrained rows, as vLLM builds them: each row's matcher
+    advanced, then every row's bitmask filled in one call (xgrammar's BatchGrammarMatcher,
+    threaded) into one host int32 tensor [rows, ceil(vocab / 32)], which one call applies to
+    the rows' logits (a single copy to their device). The scheduler fills it right after
+    launching the step (on CUDA the host work overlaps the step's kernels) and applies it when
+    the logits are read."""
+
+    def __init__(self):
+        xgr = _xgrammar()
+        self._xgr = xgr
+        self._batch = xgr.BatchGrammarMatcher()
+        self._mask: torch.Tensor | None = None
+
+    def fill(self, procs: list[GrammarProcessor], tokens: list[list[int]], rows: list[int],
+             n_rows: int) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """Advance procs[i] by tokens[i] and fill bitmask row rows[i], for a batch of n_rows
+        rows: (bitmask [n_rows, words], {i: the error of a proc that failed}); a failed row's
+        bitmask row is left as it was (the caller drops the row)."""
+        failed: dict[int, Exception] = {}
+        for i, (proc, toks) in enumerate(zip(procs, tokens)):
+            try:
+                proc.advance(toks)
+            except Exception as e:      # this row's grammar failed: only this row ends
+                failed[i] = e
+        vocab = procs[0].vocab_size if procs else 0
+        words = (vocab + 31) // 32
+        if self._mask is None or self._mask.shape[0] < n_rows or self._mask.shape[1] != words:
+            self._mask = self._xgr.allocate_token_bitmask(n_rows, vocab)
+        keep = [i for i in range(len(procs)) if i not in failed]
+        if keep:
+            self._batch.batch_fill_next_token_bitmask([procs[i].matcher for i in keep], self._mask,
+                                                      indices=[rows[i] for i in keep])
+        return self._mask[:n_rows], failed
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set logits[r, t] (logits [n_rows, vocab]) to -inf for each row r in rows and each
+        token t its bitmask row forbids, in place, in one call."""
+        if rows:
+            self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                                  indices=rows)

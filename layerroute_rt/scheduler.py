@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import grammar, ops
 from . import prefix_cache as prefix_cache_mod
 from .config import check_tau
 from .engine import DecodeState, InferenceModel
@@ -503,6 +503,7 @@ class Scheduler:
                               prefill_tokens=0, relayouts=0, host_reads=0)
         self._time = dict(prefill_s=0.0, decode_s=0.0, capture_s=0.0)
         self._flops = [0.0] * 4             # generated tokens: block, block run, total, total run
+        self._masks: grammar.BatchMask | None = None   # the constrained rows' bitmasks (made on first use)
 
     # -- the outside --------------------------------------------------------------------------
 
@@ -825,8 +826,9 @@ class Scheduler:
                     max(s.req.max_new_tokens - len(s.req.tokens) for s in live))
         if k == 1 and not all(s.deferrable for s in live):     # the host picks every row's token
             run.step(padded)
+            masks = self._fill_masks(live)     # host work while the device runs the step
             executed = st.executed.cpu()[None]
-            tokens = [self._host_tokens(live, st.logits)]
+            tokens = [self._host_tokens(live, st.logits, masks)]
         else:
             execs, picks = [], []
             for _ in range(k):
@@ -897,28 +899,52 @@ class Scheduler:
                                   seq.generator)[0]
         return nxt
 
-    def _host_tokens(self, live: list[_Seq], logits: torch.Tensor) -> list[int]:
+    def _host_tokens(self, live: list[_Seq], logits: torch.Tensor, masks=None) -> list[int]:
         """The next token per row (a list over the batch's rows; padding rows 0), each live
         row's from its own parameters after its logits processor."""
         out = [0] * logits.shape[0]
-        for seq, token in zip(live, self._sample(live, logits[[s.row for s in live]])):
+        for seq, token in zip(live, self._sample(live, logits[[s.row for s in live]], masks)):
             out[seq.row] = token
         return out
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Each sequence's next token from its row of logits [n, vocab], with its own parameters."""
+    def _fill_masks(self, seqs: list[_Seq]):
+        """The grammar rows of seqs (a grammar.GrammarProcessor as logits processor) advanced
+        and their bitmasks filled, all at once (grammar.BatchMask): (bitmask, their indices in
+        seqs), or None when no row has a grammar. A row whose grammar fails gets its failure."""
+        idx = [i for i, s in enumerate(seqs)
+               if isinstance(s.req.logits_processor, grammar.GrammarProcessor) and s.failure is None]
+        if not idx:
+            return None
+        if self._masks is None:
+            self._masks = grammar.BatchMask()
+        bitmask, failed = self._masks.fill([seqs[i].req.logits_processor for i in idx],
+                                           [seqs[i].req.tokens for i in idx], idx, len(seqs))
+        for j, e in failed.items():
+            seqs[idx[j]].failure = e
+        return bitmask, [i for j, i in enumerate(idx) if j not in failed]
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, masks=None) -> list[int]:
+        """Each sequence's next token from its row of logits [n, vocab] (changed in place),
+        with its own parameters: the grammar rows masked together (masks: from _fill_masks, or
+        filled here), any other logits processor called on its row."""
         if not seqs:
             return []
+        for i, seq in enumerate(seqs):
+            if seq.req.logprobs is not None:       # the raw logits', before any mask
+                seq.pending_lp = torch.log_softmax(logits[i].float(), -1)
+        masks = self._fill_masks(seqs) if masks is None else masks
+        if masks is not None:
+            self._masks.apply(logits, *masks)
         out = logits.argmax(-1)
         for i, seq in enumerate(seqs):
             r = seq.req
             row = logits[i]
-            if r.logprobs is not None:
-                seq.pending_lp = torch.log_softmax(row.float(), -1)
-            if r.logits_processor is not None:
+            if seq.failure is not None:
+                continue
+            if r.logits_processor is not None and not isinstance(r.logits_processor, grammar.GrammarProcessor):
                 try:
                     row = r.logits_processor(list(r.tokens), row.clone())
-                except Exception as e:     # this row's grammar failed: only this row ends
+                except Exception as e:     # this row's processor failed: only this row ends
                     seq.failure = e
                     continue
                 if r.temperature == 0.0:

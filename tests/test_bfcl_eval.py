@@ -263,6 +263,37 @@ def test_evaluate_bfcl_tool_choice_required_gives_calls_that_parse(demo_model):
         be.evaluate_bfcl(demo_model, irrelevant, tool_choice="required")
 
 
+def test_grammar_tools_admit_any_value_where_the_doc_type_is_not_json_schemas():
+    """Java's and JavaScript's type names become "any JSON value" for the grammar (their values
+    are compared as text), nested ones too; JSON-schema types, enums and required lists stay,
+    and a property named like a schema keyword is still a property. The result compiles."""
+    doc = {"name": "Ctl.run", "parameters": {"type": "dict", "required": ["policy", "type"], "properties": {
+        "policy": {"type": "String", "description": "a Java string"},
+        "type": {"type": "string", "enum": ["a", "b"]},
+        "description": {"type": "HashMap"},
+        "ids": {"type": "array", "items": {"type": "long"}},
+        "opts": {"type": "dict", "properties": {"deep": {"type": "Boolean"}, "n": {"type": "integer"}}}}}}
+    case = BfclCase("simple_java_0", "simple_java", ({"role": "user", "content": "x"},), (doc,), None)
+    params = be.grammar_tools(case)[0]["function"]["parameters"]
+    props = params["properties"]
+    assert params["type"] == "object" and params["required"] == ["policy", "type"]
+    assert props["policy"] == {"description": "a Java string"} and props["description"] == {}
+    assert props["type"] == {"type": "string", "enum": ["a", "b"]}
+    assert props["ids"] == {"type": "array", "items": {}}
+    assert props["opts"]["properties"] == {"deep": {}, "n": {"type": "integer"}}
+    pytest.importorskip("xgrammar")
+    import layerroute_rt as lr
+    from layerroute_rt import grammar
+    from layerroute_rt.generate import load_tokenizer
+    engine = lr.InferenceModel(lr.load(DEMO_DIR))
+    tok = load_tokenizer(engine)
+    eos = frozenset({tok.convert_tokens_to_ids("<|im_end|>")})
+    with pytest.raises(ValueError, match="cannot be compiled"):     # the raw doc does not compile
+        grammar.compile_constraint(engine, tok, eos, grammar.constraint_spec(None, list(case.tools), "required"))
+    assert grammar.compile_constraint(engine, tok, eos, grammar.constraint_spec(None, be.grammar_tools(case),
+                                                                                "required")) is not None
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cases=[]), "cases must be a non-empty list"),
     (dict(tool_choice="any"), "tool_choice must be None, 'auto' or 'required'"),

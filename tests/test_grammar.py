@@ -116,6 +116,41 @@ def test_the_mask_equals_the_bitmask_unpacked(engine):
         tokens.append(int(masked.argmax()))
 
 
+def test_the_batch_mask_equals_each_row_masked_alone(engine):
+    """grammar.BatchMask (every row's bitmask filled in one call, applied in one call) gives
+    each constrained row what its processor alone gives, leaves unconstrained rows as they
+    were, and reports a row whose token its grammar forbids without touching the others."""
+    tok = load_tokenizer(engine)
+    eos = frozenset({tok.convert_tokens_to_ids("<|im_end|>")})
+    specs = [grammar.constraint_spec({"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}),
+             grammar.constraint_spec(tools=TOOLS, tool_choice="required"),
+             grammar.constraint_spec({"type": "json_object"})]
+    compiled = [grammar.compile_constraint(engine, tok, eos, s) for s in specs]
+    batch = [grammar.GrammarProcessor(c) for c in compiled]
+    alone = [grammar.GrammarProcessor(c) for c in compiled]
+    rows = [0, 2, 3]                           # rows 1 and 4 of the 5 have no grammar
+    masks = grammar.BatchMask()
+    vocab = engine.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    tokens: list[list[int]] = [[], [], []]
+    for step in range(8):
+        logits = torch.randn(5, vocab, generator=g)
+        want = logits.clone()
+        for i, r in enumerate(rows):
+            want[r] = alone[i](tokens[i], logits[r].clone())
+        bitmask, failed = masks.fill(batch, tokens, rows, 5)
+        assert failed == {}
+        got = logits.clone()
+        masks.apply(got, bitmask, rows)
+        assert torch.equal(got, want), step
+        for i, r in enumerate(rows):
+            tokens[i].append(int(want[r].argmax()))
+    bad = [int(t) for t in torch.nonzero(torch.isinf(want[rows[1]]))[:1, 0]]   # a token row 2 forbids
+    tokens[1].append(bad[0])                   # row 0 has its last (allowed) token already
+    _, failed = masks.fill(batch[:2], tokens[:2], rows[:2], 5)
+    assert list(failed) == [1] and "sampled against its mask" in str(failed[1])
+
+
 def test_bad_specs_are_errors_naming_the_field(engine):
     cases = [
         (dict(tool_choice="required"), "tool_choice needs tools"),
