@@ -117,6 +117,24 @@ def _custom_op(name: str, schema: str, mutates: tuple[str, ...]):
     return register
 
 
+def _functional_op(name: str, schema: str, fake, backward, setup_context):
+    """Register the decorated function (which returns new tensors, inference only: autograd
+    stays above it) as the custom op layerroute::<name>, with its fake impl and its autograd
+    formula (torch.library.register_autograd: `backward` in torch ops, so that torch.compile
+    and AOT autograd trace it); returns the function. The public function calls the op while
+    torch.compile traces, and in eager mode its own autograd path (the Triton kernels'
+    autograd.Function, or the torch reference's graph), without the dispatch's cost."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"layerroute::{name}", fn, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        op.register_autograd(backward, setup_context=setup_context)
+        PYTHON_OPS[f"layerroute::{name}"] = fn
+        return fn
+
+    return register
+
+
 # ---------------------------------------------------------------------------------------------
 # Row compaction for per-token block skipping (DESIGN.md section 4), and the row-list checks
 # the ops below share. Shapes are fixed (the most rows a step can have) and the live row count
@@ -401,11 +419,51 @@ def lora_linear(
     rows from count on keep their values.
     """
     _check_lora_linear(x, weight, bias, lora_A, lora_B, scale, index, count, out)
+    if torch.compiler.is_compiling():
+        if out is not None:
+            raise ValueError("lora_linear: out= is for eager inference; under torch.compile use the "
+                             "returned tensor")
+        return torch.ops.layerroute.lora_linear(x, weight, bias, lora_A, lora_B, scale, index, count)
     if x.dtype != torch.float64 and backend("lora_linear", x.device) == "triton":
         return _lora_linear_triton.lora_linear(
             x, weight, bias, lora_A, lora_B, scale, index, count, out=out
         )
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, scale, index, count, out=out)
+
+
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, index, count):
+    return x.new_empty((x.shape[0] if index is None else index.shape[0], weight.shape[0]))
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, scale, _index, _count = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B)
+    ctx.scale = scale
+
+
+def _lora_linear_backward(ctx, dy):
+    """python_kernels/lora_linear.py's LoRALinearFunction formula in torch ops: dx = dY W +
+    s (dY B) A, dA = s (dY B)^T x, dB = s dY^T (x A^T); W and b are frozen."""
+    x, weight, A, B = ctx.saved_tensors
+    s = ctx.scale
+    dx = dy @ weight
+    dA = dB = None
+    if A is not None:
+        g = dy @ B.to(dy.dtype)
+        dx = dx + s * (g @ A.to(dy.dtype))
+        dA = (s * (g.t() @ x)).to(A.dtype)
+        dB = (s * (dy.t() @ (x @ A.to(x.dtype).t()))).to(B.dtype)
+    return dx, None, None, dA, dB, None, None, None
+
+
+@_functional_op("lora_linear", "(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, "
+                "float scale, Tensor? index, Tensor? count) -> Tensor",
+                _lora_linear_fake, _lora_linear_backward, _lora_linear_setup)
+def _lora_linear_op(x, weight, bias, lora_A, lora_B, scale, index, count):
+    with torch.no_grad():
+        if x.dtype != torch.float64 and backend("lora_linear", x.device) == "triton":
+            return _lora_linear_triton.lora_linear(x, weight, bias, lora_A, lora_B, scale, index, count)
+        return lora_linear_ref(x, weight, bias, lora_A, lora_B, scale, index, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,10 +587,51 @@ def route_tokens(
     all rows); index and count list the rows that run as compact_rows does. weight [D] or
     [1, D], bias [1] (read on the device only), tau in [0, 1].
     """
+    tau = _check_router("route_tokens", h, weight, bias, tau, valid, "N, D")
+    if torch.compiler.is_compiling():
+        return torch.ops.layerroute.route_tokens(h, weight, bias, tau, valid)
     if backend("route_tokens", h.device) == "triton":
-        tau = _check_router("route_tokens", h, weight, bias, tau, valid, "N, D")
         return _router_triton.RouteTokens.apply(h, weight, bias, tau, valid)
     return route_tokens_ref(h, weight, bias, tau, valid)
+
+
+def _router_fake(h, weight, bias, tau, valid):
+    """p [N] per row of h [N, D] or per sequence of h [B, T, D]; index over every row."""
+    rows = h.shape[0] if h.dim() == 2 else h.shape[0] * h.shape[1]
+    return (h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((rows,), dtype=torch.int32),
+            h.new_empty((1,), dtype=torch.int32))
+
+
+def _router_setup(ctx, inputs, output):
+    h, weight, bias, _tau, valid = inputs
+    ctx.save_for_backward(h, weight, valid, output[0])
+    ctx.bias_dtype = bias.dtype
+
+
+def _router_backward(ctx, grad_p, _grad_index, _grad_count):
+    """The routers' gradient (python_kernels/router.py's autograd Functions derive it), with
+    c = dL/dz = g p (1 - p) per score and c_r its share of row r (c / n_b on each valid row of
+    a sequence): dh_r = c_r w, dw = sum_r c_r h_r, db = sum c."""
+    h, weight, valid, p = ctx.saved_tensors
+    c = grad_p * p * (1 - p)
+    if h.dim() == 2:
+        c_rows = c
+    else:
+        vf = torch.ones(h.shape[:-1], device=h.device) if valid is None else valid.float()
+        c_rows = vf * (c / vf.sum(1).clamp(min=1))[:, None]
+    w = weight.float().reshape(-1)
+    dh = (c_rows[..., None] * w).to(h.dtype)
+    dw = (c_rows.reshape(-1) @ h.float().reshape(-1, h.shape[-1])).view(weight.shape).to(weight.dtype)
+    return dh, dw, c.sum().view(1).to(ctx.bias_dtype), None, None
+
+
+@_functional_op("route_tokens", "(Tensor h, Tensor weight, Tensor bias, float tau, Tensor? valid) "
+                "-> (Tensor, Tensor, Tensor)", _router_fake, _router_backward, _router_setup)
+def _route_tokens_op(h, weight, bias, tau, valid):
+    if backend("route_tokens", h.device) == "triton":
+        return _router_triton.token_scores(h, weight.reshape(-1), bias, tau, valid)
+    with torch.no_grad():
+        return route_tokens_ref(h, weight, bias, tau, valid)
 
 
 # route_sequences ------------------------------------------------------------------------------
@@ -568,10 +667,21 @@ def route_sequences(
     sequences with p[b] >= tau, listed as compact_rows does. valid bool [B, T] (None: all rows),
     weight [D] or [1, D], bias [1] (read on the device only), tau in [0, 1].
     """
+    tau = _check_router("route_sequences", h, weight, bias, tau, valid, "B, T, D")
+    if torch.compiler.is_compiling():
+        return torch.ops.layerroute.route_sequences(h, weight, bias, tau, valid)
     if backend("route_sequences", h.device) == "triton":
-        tau = _check_router("route_sequences", h, weight, bias, tau, valid, "B, T, D")
         return _router_triton.RouteSequences.apply(h, weight, bias, tau, valid)
     return route_sequences_ref(h, weight, bias, tau, valid)
+
+
+@_functional_op("route_sequences", "(Tensor h, Tensor weight, Tensor bias, float tau, Tensor? valid) "
+                "-> (Tensor, Tensor, Tensor)", _router_fake, _router_backward, _router_setup)
+def _route_sequences_op(h, weight, bias, tau, valid):
+    if backend("route_sequences", h.device) == "triton":
+        return _router_triton.sequence_scores(h, weight.reshape(-1), bias, tau, valid)
+    with torch.no_grad():
+        return route_sequences_ref(h, weight, bias, tau, valid)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The decode-step ops are torch.library custom ops (layerroute::<op>) with fake impls:
+"""Every op of layerroute_rt.ops is a torch.library custom op (layerroute::<op>) with a fake
+impl: the decode-step ops (which write into their arguments), and lora_linear, route_tokens
+and route_sequences (functional, with their autograd formula registered).
 torch.library.opcheck (schema and mutations, fake tensors, autograd registration, AOT
 dispatch with dynamic shapes) passes for each, on the torch references and, under the
-interpreter, on the Triton kernels; and torch.compile traces a stage without a graph break."""
+interpreter, on the Triton kernels; torch.compile traces a stage without a graph break, and
+compiles a LoRA layer's forward and backward to eager's values."""
 import os
 
 import pytest
@@ -113,6 +116,77 @@ def test_opcheck(monkeypatch, name, flag, backend):
     monkeypatch.setenv("LAYERROUTE_BACKEND", backend)
     op = getattr(torch.ops.layerroute, name).default
     torch.library.opcheck(op, CASES[name](flag))
+
+
+def _lora_args(kind: str):
+    g = _g()
+    x = torch.randn(N, D, generator=g, requires_grad=kind == "grad")
+    lora = [torch.randn(4, D, generator=g) / 3, torch.randn(INTER, 4, generator=g) / 3]
+    if kind == "grad":
+        lora = [t.requires_grad_() for t in lora]
+    rows = (torch.tensor([2, 0, 2], dtype=torch.int32), torch.tensor([3], dtype=torch.int32))
+    return (x, torch.randn(INTER, D, generator=g) / 5, torch.randn(INTER, generator=g) if kind != "plain" else None,
+            *(lora if kind != "plain" else (None, None)), 2.0, *(rows if kind == "rows" else (None, None)))
+
+
+def _router_args(kind: str, sequences: bool):
+    g = _g()
+    h = torch.randn(*((2, 4) if sequences else (N,)), D, generator=g, requires_grad=kind == "grad")
+    w = torch.randn(D, generator=g, requires_grad=kind == "grad")
+    b = torch.zeros(1, requires_grad=kind == "grad")
+    # "none": no row runs (tau 1 with p < 1); "one": valid keeps one row; "grad": all, with grads
+    valid = {"one": torch.zeros(h.shape[:-1], dtype=torch.bool).index_put_((torch.tensor([1]),), torch.tensor(True)),
+             "none": None, "grad": None}[kind]
+    return (h, w, b, 1.0 if kind == "none" else 0.0, valid)
+
+
+FUNCTIONAL = {
+    **{f"lora_linear-{k}": ("lora_linear", lambda k=k: _lora_args(k)) for k in ("plain", "lora", "rows", "grad")},
+    **{f"route_tokens-{k}": ("route_tokens", lambda k=k: _router_args(k, False)) for k in ("none", "one", "grad")},
+    **{f"route_sequences-{k}": ("route_sequences", lambda k=k: _router_args(k, True))
+       for k in ("none", "one", "grad")},
+}
+
+
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("case", list(FUNCTIONAL))
+def test_opcheck_functional_ops(monkeypatch, case, backend):
+    monkeypatch.setenv("LAYERROUTE_BACKEND", backend)
+    name, args = FUNCTIONAL[case]
+    torch.library.opcheck(getattr(torch.ops.layerroute, name).default, args())
+
+
+def test_the_registered_gradients_equal_the_references():
+    """The op's autograd formula (used by torch.compile / AOT autograd) against autograd
+    through the torch references, for the LoRA layer and both routers."""
+    cases = [("lora_linear", _lora_args("grad"), ops.lora_linear_ref, (0, 3, 4)),
+             ("route_tokens", _router_args("grad", False), ops.route_tokens_ref, (0, 1, 2)),
+             ("route_sequences", _router_args("grad", True), ops.route_sequences_ref, (0, 1, 2))]
+    for name, args, ref, wrt in cases:
+        out = getattr(torch.ops.layerroute, name)(*args)
+        expected = ref(*args)
+        out, expected = (out[0], expected[0]) if isinstance(out, tuple) else (out, expected)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, [args[i] for i in wrt], grad)
+        want = torch.autograd.grad(expected, [args[i] for i in wrt], grad)
+        for i, a, b in zip(wrt, got, want):
+            torch.testing.assert_close(a, b, msg=f"{name}: the gradient of argument {i}")
+
+
+def test_compile_runs_a_lora_layer_and_its_backward_as_eager_does():
+    x, weight, bias, A, B, scale, _, _ = _lora_args("grad")
+
+    def layer(x, A, B):
+        return ops.lora_linear(x, weight, bias, A, B, scale).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, A, B), (x, A, B))
+    want = torch.autograd.grad(layer(x, A, B), (x, A, B))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_compile_traces_a_stage_without_graph_breaks():
