@@ -8,6 +8,9 @@ registered here, so torch.compile and CUDA-graph capture see through them. The d
 (the block stages and decode_attention) are torch.library custom ops `layerroute::<op>`
 defined here (`_custom_op`: explicit schema, fake impl), whose implementation picks the Triton
 kernel or the torch reference; the public function checks the arguments, then calls the op.
+lora_linear, route_tokens and route_sequences, which return new tensors and are trained
+through, are functional custom ops (`_functional_op`: fake impl and autograd formula); in
+eager mode their public function takes the kernels' own autograd path.
 
 Adding an op: its schema and kernels in csrc/, then a section below with the argument checks,
 the reference, the fake impl and the dispatching function.
