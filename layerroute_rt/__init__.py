@@ -1,5 +1,5 @@
 """layerroute_rt: Qwen2 decoders that skip transformer blocks per token, with learned routers and
-LoRA adapters on frozen weights. See DESIGN.md for the semantics."""
+LoRA adapters on frozen weights. See docs/DESIGN.md for the semantics."""
 from .cache import KVCache
 from .checkpoint import CheckpointError, CheckpointNotFoundError
 from .config import BackboneConfig, LayerRouteConfig

@@ -1,4 +1,4 @@
-"""One block in stages over the fused kernels (DESIGN.md section 4), the only block forward of
+"""One block in stages over the fused kernels (docs/DESIGN.md section 4), the only block forward of
 the runtime outside model.py's plain-torch oracle: prefill and the decode step both call it.
 
 A block on the rows of the residual h [N, D] that run it (a row list index int32 [M] and its

@@ -100,7 +100,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class LayerRouteConfig:
-    """The method's knobs (DESIGN.md section 1).
+    """The method's knobs (docs/DESIGN.md section 1).
 
     rank, alpha, targets: LoRA on the frozen projections (scale alpha / rank).
     granularity: "token" (each token decides) or "sequence" (mean of the step's hidden states

@@ -1,4 +1,4 @@
-"""Parameter and FLOPs accounting (DESIGN.md section 1).
+"""Parameter and FLOPs accounting (docs/DESIGN.md section 1).
 
 Matmul FLOPs per token per block = 2 x (block weight count) + attention 4 x context x q_dim
 (QK^T and AV). A token that skips a block saves all of it except, under kv_policy "compute",

@@ -245,7 +245,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     None: no EOS) or when its text contains one of `stop` (the tokens up to the one that
     completes it are kept). tau overrides the adapter's; skip_layers forces blocks off for
     every token. stream=True returns a GenerationStream (see its docstring). batch_q < 1 is
-    the batch policy (DESIGN.md section 6): in a decode step a block is skipped for every row
+    the batch policy (docs/DESIGN.md section 6): in a decode step a block is skipped for every row
     when at least that fraction of the rows would skip it (1: a block runs if any row wants it).
     Constrained decoding (layerroute_rt.grammar, xgrammar): response_format ({"type":
     "json_object"} or {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}})

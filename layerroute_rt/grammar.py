@@ -1,4 +1,4 @@
-"""Constrained decoding: a per-row grammar masks the logits before sampling (DESIGN.md
+"""Constrained decoding: a per-row grammar masks the logits before sampling (docs/DESIGN.md
 section 6), as vLLM and SGLang do with xgrammar.
 
 A constraint is compiled once per engine and spec (cached: `compile_constraint`), off the

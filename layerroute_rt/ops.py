@@ -139,7 +139,7 @@ def _functional_op(name: str, schema: str, fake, backward, setup_context):
 
 
 # ---------------------------------------------------------------------------------------------
-# Row compaction for per-token block skipping (DESIGN.md section 4), and the row-list checks
+# Row compaction for per-token block skipping (docs/DESIGN.md section 4), and the row-list checks
 # the ops below share. Shapes are fixed (the most rows a step can have) and the live row count
 # stays on the device as an int32 tensor of shape [1]; kernels exit early past it, so nothing
 # syncs with the host. The references read the count on the host: they are the oracle (and
@@ -500,7 +500,7 @@ def _check_norm(op: str, norm_weight: torch.Tensor, eps: float, x: torch.Tensor)
 
 
 # ---------------------------------------------------------------------------------------------
-# Routers (DESIGN.md section 1): p = sigmoid(w . h + b) per token, or per sequence on the mean
+# Routers (docs/DESIGN.md section 1): p = sigmoid(w . h + b) per token, or per sequence on the mean
 # of its valid rows, computed in float32 whatever h's dtype; the decision p >= tau; the rows
 # that run, listed as compact_rows lists them, with their count written on the device.
 # Triton kernels and autograd Functions in python_kernels/router.py; p is differentiable with
@@ -688,7 +688,7 @@ def _route_sequences_op(h, weight, bias, tau, valid):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decode attention over listed rows (DESIGN.md section 4): one query token per row, each row a
+# Decode attention over listed rows (docs/DESIGN.md section 4): one query token per row, each row a
 # sequence of the KV cache; count and length stay on the device. Triton kernel in
 # python_kernels/decode_attention.py.
 
@@ -813,7 +813,7 @@ def _decode_attention_op(q, k, v, valid, index, count, length, scale, out) -> No
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused block stages (DESIGN.md section 4; issue 13): the kernels layerroute_rt.block runs a
+# Fused block stages (docs/DESIGN.md section 4; issue 13): the kernels layerroute_rt.block runs a
 # block with, at prefill and at decode. Each reads its row list and count from device memory
 # (python_kernels/<op>.py); the references below read the count on the host (the oracle and the
 # CPU path) and, for a list of every row in order (every sequence runs the block), read and write

@@ -1,5 +1,5 @@
 """The runtime's one decode loop: iteration-level scheduling of many requests over one running
-batch (docs: DESIGN.md section 6). generate() and the server are both its clients.
+batch (docs: docs/DESIGN.md section 6). generate() and the server are both its clients.
 
 At every iteration (`step`):
   1. waiting requests are prefilled, from the engine's prefix cache where it holds a prefix of

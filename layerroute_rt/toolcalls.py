@@ -1,4 +1,4 @@
-"""Tool calls parsed back out of generated text (DESIGN.md section 5).
+"""Tool calls parsed back out of generated text (docs/DESIGN.md section 5).
 
 Three forms, found in this order, each in the text the earlier ones did not take:
   1. `<tool_call>...</tool_call>` blocks (Qwen2.5-Instruct's chat template; an unclosed last

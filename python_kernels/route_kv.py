@@ -1,7 +1,7 @@
 """route stage of a block at decode: the router, the decision, the row compaction, and under
 kv_policy "compute" the K/V of the rows that skip the block (input RMSNorm, k/v projection
 + LoRA, bias, RoPE, cache write), one launch. A block that every row skips costs this launch
-alone; its body (qkv_rope ... the down projection) is not run (DESIGN.md section 4).
+alone; its body (qkv_rope ... the down projection) is not run (docs/DESIGN.md section 4).
 
 ROUTE (a router runs): p[r] = sigmoid(w . h[r] + b) in float32 and row r runs iff p >= tau;
 program (0, 0) writes executed[r], the compacted rows (index, count, as compact_rows makes

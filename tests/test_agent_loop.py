@@ -1,4 +1,4 @@
-"""Agent loops in-process (DESIGN.md section 5): tools through the chat template, parsed tool calls
+"""Agent loops in-process (docs/DESIGN.md section 5): tools through the chat template, parsed tool calls
 and finish reasons, the engine's prefix cache (hits equal uncached runs, the budget holds,
 `sequence` granularity equals prefilling the turns as consecutive segments), KV cache buckets up
 to max positions and a 10k-token conversation, one engine per LayerRouteModel, and streamed text."""

@@ -1,4 +1,4 @@
-"""FLOPs accounting against hand-computed values (DESIGN.md section 1), and parameter counts."""
+"""FLOPs accounting against hand-computed values (docs/DESIGN.md section 1), and parameter counts."""
 import pytest
 import torch
 import transformers

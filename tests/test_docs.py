@@ -1,0 +1,36 @@
+"""Every reference to docs/DESIGN.md in the code names a section that exists there, and no
+reference points to a DESIGN.md outside the repository."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [p for d in ("layerroute_rt", "python_kernels", "csrc", "benchmarks", "scripts", "tests")
+           for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sh", ".cu", ".cpp", ".h")
+           and "fixtures" not in p.parts] + [ROOT / "README.md", ROOT / "setup.py"]
+# "DESIGN.md section 4", the words possibly broken over a comment or docstring line
+REFERENCE = re.compile(r"DESIGN\.md(?:[\s#*]+section\s+(\d+))?")
+
+
+def references():
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        for m in REFERENCE.finditer(text):
+            yield path, text.count("\n", 0, m.start()) + 1, text[max(0, m.start() - 9):m.start()], m.group(1)
+
+
+def test_the_scanner_reads_a_reference_broken_over_lines():
+    text = '"""masks the logits (docs/DESIGN.md\n    section 6), as"""\n# see docs/DESIGN.md\n# section 4'
+    assert [m.group(1) for m in REFERENCE.finditer(text)] == ["6", "4"]
+
+
+def test_design_references_name_sections_that_exist():
+    design = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^## (\d+)\. ", design, flags=re.M))
+    assert sections, "docs/DESIGN.md has no numbered sections"
+    refs = list(references())
+    assert len(refs) > 10, "expected the code to cite docs/DESIGN.md"
+    missing = [f"{p.relative_to(ROOT)}:{line}: section {n}" for p, line, _, n in refs if n and n not in sections]
+    assert not missing, f"references to sections docs/DESIGN.md lacks: {missing}"
+    elsewhere = [f"{p.relative_to(ROOT)}:{line}" for p, line, before, _ in refs
+                 if not before.endswith("docs/") and p.name != "test_docs.py"]
+    assert not elsewhere, f"references to a DESIGN.md that is not docs/DESIGN.md: {elsewhere}"
