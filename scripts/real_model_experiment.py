@@ -287,7 +287,7 @@ def stage_finalize(args) -> None:
 
 
 EVAL_MIX = {"simple_python": 14, "multiple": 6, "parallel": 4, "simple_java": 4,
-            "simple_javascript": 2, "irrelevance": 2}     # the README's held-out eval
+            "simple_javascript": 2, "irrelevance": 2}     # the held-out eval of docs/experiments.md
 
 
 def stage_valtau(args) -> None:

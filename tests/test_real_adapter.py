@@ -1,6 +1,6 @@
 """The adapter shipped for the real model (layerroute_rt/assets/qwen2.5-coder-0.5b): it loads onto
 the model, its pinned blocks never skip, and it skips blocks on a generated tool call that still
-parses. Its BFCL numbers are in the README (layerroute eval --bfcl, too slow for CI)."""
+parses. Its BFCL numbers are in docs/experiments.md (layerroute eval --bfcl, too slow for CI)."""
 import json
 from pathlib import Path
 
@@ -40,6 +40,6 @@ def test_shipped_adapter_routes_a_tool_call(real_model_dir):
     # Run h (like c): trained on the dense model's own answers shipped beside it (those that ended at EOS)
     calls = [json.loads(line) for line in (ASSET / "self_calls.jsonl").read_text().splitlines()]
     assert {r["id"] for r in calls if r["finish_reason"] == "stop"} <= trained
-    for category, n in record["heldout"].items():        # the README's eval cases were held out
+    for category, n in record["heldout"].items():        # docs/experiments.md's eval cases were held out
         held = bfcl.split_ids(bfcl.load_category(fetch_bfcl(), category), n, seed=0)[1]
         assert not trained & {c.id for c in held}, category
