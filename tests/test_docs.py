@@ -61,3 +61,22 @@ def test_the_readme_stays_short_and_links_what_it_left_out():
     for doc in ("docs/DESIGN.md", "docs/api.md", "docs/serving.md", "docs/training.md",
                 "docs/benchmarks.md", "docs/experiments.md"):
         assert f"]({doc})" in text and (ROOT / doc).is_file(), doc
+
+
+def test_run_all_reruns_each_result_file_by_its_own_command(monkeypatch, tmp_path):
+    """benchmarks/run_all.py --cpu lists one command per CPU result file, the file's own
+    recorded command, with a recorded cache path mapped to this machine's cache."""
+    import json
+    import subprocess
+    import sys
+    monkeypatch.setenv("LAYERROUTE_CACHE", str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--cpu", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, env={**__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    listed = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert sorted(listed) == [str(f.relative_to(ROOT)) for f in files]
+    for f in files:
+        command = json.loads(f.read_text())["command"]
+        expected = command.replace("/root/.cache/layerroute_rt", str(tmp_path))
+        assert listed[str(f.relative_to(ROOT))] == expected.strip()
