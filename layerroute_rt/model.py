@@ -51,9 +51,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = _at_least_fp32(x)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm_ref(x, self.weight, self.eps)
 
 
 class LoRALinear(nn.Module):
@@ -150,23 +148,6 @@ class Backbone(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, lr) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [..., head_dim] for integer positions [...], computed in float32 as HF does."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                            dtype=torch.int64).float() / head_dim)
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., heads, head_dim]; cos/sin [..., head_dim] broadcast over the heads."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +323,8 @@ class LayerRouteModel(nn.Module):
         B, T = input_ids.shape
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, h.device)
+        cos, sin = ops.rope_cos_sin(positions, inv_freq, h.dtype)
         route_f = route.float()
         # Every token a key at every layer (kv policy "compute", no padding): plain causal
         # attention, no mask (see _attention).
@@ -413,8 +395,8 @@ class LayerRouteModel(nn.Module):
         B, T, _ = h.shape
         x = block.input_layernorm(h)
         attn = block.self_attn
-        q = apply_rope(attn.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(attn.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        q = ops.rope_ref(attn.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = ops.rope_ref(attn.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = attn.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
         o = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                        None if mask is None else mask[:, None])
@@ -460,7 +442,8 @@ class LayerRouteModel(nn.Module):
         start = cache.length
         slots = torch.arange(start, start + T, device=h.device)
         positions = cache.seen[:, None] + valid.long().cumsum(1) - 1                  # [B, T]
-        cos, sin = rope_cos_sin(positions.clamp(min=0), cfg.head_dim, cfg.rope_theta, h.dtype)
+        inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, h.device)
+        cos, sin = ops.rope_cos_sin(positions.clamp(min=0), inv_freq, h.dtype)
         cache.valid[:, :, start:start + T] = False
 
         flat = h.reshape(B * T, -1)
@@ -494,7 +477,7 @@ class LayerRouteModel(nn.Module):
         cfg, attn = self.config, block.self_attn
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x_kv = block.input_layernorm(flat[kv_rows])
-        k = apply_rope(attn.k_proj(x_kv).view(-1, nkv, hd), cos[kv_rows], sin[kv_rows])
+        k = ops.rope_ref(attn.k_proj(x_kv).view(-1, nkv, hd), cos[kv_rows], sin[kv_rows])
         v = attn.v_proj(x_kv).view(-1, nkv, hd)
         b_kv, s_kv = batch_of[kv_rows], slot_of[kv_rows]
         cache.k[i][b_kv, :, s_kv] = k
@@ -503,7 +486,7 @@ class LayerRouteModel(nn.Module):
         if rows.numel() == 0:
             return flat
         x = x_kv if rows is kv_rows else block.input_layernorm(flat[rows])
-        q = apply_rope(attn.q_proj(x).view(-1, nh, hd), cos[rows], sin[rows])
+        q = ops.rope_ref(attn.q_proj(x).view(-1, nh, hd), cos[rows], sin[rows])
         b_q, s_q = batch_of[rows], slot_of[rows]
         o = torch.empty_like(q)
         for b in b_q.unique().tolist():                        # one attention call per sequence

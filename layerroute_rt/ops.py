@@ -470,14 +470,14 @@ def _lora_linear_op(x, weight, bias, lora_A, lora_B, scale, index, count):
 
 
 # ---------------------------------------------------------------------------------------------
-# RMSNorm as Qwen2 computes it (model.RMSNorm): normalise in float32, cast to x's dtype, then
-# multiply by the weight. The block-stage references below use it (and the stage kernels
-# compute the same in their prologues).
+# RMSNorm as Qwen2 computes it: normalise in float32 (float64 for a float64 input), cast to
+# x's dtype, then multiply by the weight. The one reference: model.RMSNorm runs it, the
+# block-stage references below use it, and the stage kernels compute the same in their
+# prologues.
 
 
-def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm's computation, for rows in float32, float16 or bfloat16."""
-    xf = x.float()
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -839,20 +839,23 @@ except ImportError:  # no Triton: the references run
 
 
 def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
-    """RoPE's inverse frequencies float32 [head_dim / 2], computed as HF computes them."""
+    """RoPE's inverse frequencies float32 [head_dim / 2], computed as HF computes them: the
+    one table the model and the engine use."""
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float()
                            / head_dim)
 
 
-def _rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [n, 1, hd] in `dtype` at positions [n]."""
-    freqs = positions.float()[:, None] * inv_freq
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., hd] in `dtype` at integer positions [...], the angles in float32."""
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [n, heads, hd] with cos and sin from _rope_cos_sin."""
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [..., heads, hd] with cos and sin [..., hd] from rope_cos_sin
+    (broadcast over the heads): the one reference, which model.py runs too."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -943,15 +946,15 @@ def _write_kv_ref(h_rows, rows, weight, bias, lora_A, lora_B, scale, positions, 
     kv_dim = hkv * hd
     q_dim = weight.shape[0] - 2 * kv_dim
     n = h_rows.shape[0]
-    x = _rms_norm_ref(h_rows, norm_weight, eps)
+    x = rms_norm_ref(h_rows, norm_weight, eps)
     if q_too:
         y = _lora_linear_torch(x, weight, bias, lora_A, lora_B, scale)
     else:   # the k and v rows of the fused weight and of the LoRA's B
         y = _lora_linear_torch(x, weight[q_dim:], bias[q_dim:], lora_A,
                                None if lora_B is None else lora_B[q_dim:], scale)
-    cos, sin = _rope_cos_sin(positions if rows is None else positions[rows], inv_freq, y.dtype)
+    cos, sin = rope_cos_sin(positions if rows is None else positions[rows], inv_freq, y.dtype)
     rotated = y.shape[1] - kv_dim            # [q |] k: one RoPE for both
-    qk = _rope_ref(y[:, :rotated].reshape(n, -1, hd), cos, sin)
+    qk = rope_ref(y[:, :rotated].reshape(n, -1, hd), cos, sin)
     k = qk[:, qk.shape[1] - hkv:]
     v = y[:, rotated:].reshape(n, hkv, hd)
     s0 = slot.item()
@@ -1223,7 +1226,7 @@ def norm_gate_up_ref(h, index, count, norm_weight, eps, weight, lora_A, lora_B, 
         _check_norm_gate_up(h, index, count, norm_weight, eps, weight, lora_A, lora_B, scale, out)
     n, rows = _listed_rows("norm_gate_up", index, count, h.shape[0], unique=False)
     if n:
-        gu = _lora_linear_torch(_rms_norm_ref(h if rows is None else h[rows], norm_weight, eps),
+        gu = _lora_linear_torch(rms_norm_ref(h if rows is None else h[rows], norm_weight, eps),
                                 weight, None, lora_A, lora_B, scale)
         inter = out.shape[1]
         torch.mul(torch.nn.functional.silu(gu[:, :inter]), gu[:, inter:], out=out[:n])
@@ -1267,7 +1270,7 @@ def _check_norm_linear(h, norm_weight, eps, weight, out):
 def norm_linear_ref(h, norm_weight, eps, weight, out, *, check=True) -> torch.Tensor:
     if check:
         _check_norm_linear(h, norm_weight, eps, weight, out)
-    out.copy_(torch.nn.functional.linear(_rms_norm_ref(h, norm_weight, eps), weight))
+    out.copy_(torch.nn.functional.linear(rms_norm_ref(h, norm_weight, eps), weight))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The stage references' RMS norm (layerroute_rt.ops._rms_norm_ref) against model.RMSNorm."""
+"""The stage references' RMS norm (layerroute_rt.ops.rms_norm_ref) against model.RMSNorm."""
 import torch
 
 from layerroute_rt import ops
@@ -20,4 +20,4 @@ def test_rms_norm_reference_is_the_model_norm():
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5, generator=gen)
         x = randn((67, 130), dtype, "cpu", gen)
-        assert torch.equal(ops._rms_norm_ref(x, norm.weight.data, EPS), norm(x))
+        assert torch.equal(ops.rms_norm_ref(x, norm.weight.data, EPS), norm(x))
