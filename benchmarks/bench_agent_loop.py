@@ -53,7 +53,7 @@ TURNS = ["I am planning a trip from Paris to Rome next week. What's the weather 
 def _meta(command: str) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-            "commit": commit, "command": command, "torch": torch.__version__}
+            "commit": commit, "date": time.strftime("%Y-%m-%d"), "command": command, "torch": torch.__version__}
 
 
 def prefix_cache_bench(args) -> dict:

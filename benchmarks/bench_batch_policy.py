@@ -18,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         })
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
-              "commit": commit, "command": "benchmarks/bench_batch_policy.py " + " ".join(argv or sys.argv[1:]),
+              "commit": commit, "date": time.strftime("%Y-%m-%d"), "command": "benchmarks/bench_batch_policy.py " + " ".join(argv or sys.argv[1:]),
               "model": args.model or "bundled demo model + adapter", "adapter": args.adapter,
               "batch": args.batch, "new_tokens": args.new, "repeats": args.repeats, "results": results}
     out = Path(args.out)

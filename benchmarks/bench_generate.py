@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": args.dtype, "commit": commit, "command": " ".join(sys.argv),
+        "dtype": args.dtype, "commit": commit, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
         "torch": torch.__version__, "model": args.model or "Qwen2.5-0.5B shapes, random weights",
         "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bandwidth,
         "weight_read_floor_ms": floor_ms, "new_tokens": args.new_tokens,

@@ -260,6 +260,7 @@ def main(argv=None) -> int:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
                   "the server in its own process (`layerroute serve`), the clients in this one",
         "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
         "command": "benchmarks/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
         "model": "bundled demo model + adapter" if bundled else args.model,

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         rows = time_ranks(model_dir, examples, args, device, dtype)
         base = rows[0]["s_per_step"]
         result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "dtype": str(dtype).removeprefix("torch."), "commit": commit, "command": " ".join(sys.argv),
+                  "dtype": str(dtype).removeprefix("torch."), "commit": commit, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                   "torch": torch.__version__, "backend": "nccl" if device.type == "cuda" else "gloo",
                   "model": args.model or ("tiny random Qwen2" if args.tiny else "Qwen2.5-0.5B shapes, random weights"),
                   "seq_len": args.seq_len, "global_batch": args.batch * args.grad_accum,
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         print(f"transformers + peft: {theirs:.3f} s per step", flush=True)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "commit": commit, "command": " ".join(sys.argv),
+        "dtype": str(dtype).removeprefix("torch."), "commit": commit, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
         "torch": torch.__version__,
         "model": args.model or ("tiny random Qwen2" if args.tiny else "Qwen2.5-0.5B shapes, random weights"),
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum,

@@ -4,14 +4,14 @@
     python benchmarks/results_table.py --check   # exit 1 if README.md's table is not this
 
 Each row reads one JSON file (benchmarks/results/, the real model's eval/) and gives its
-figure, the device it ran on, the date of the commit it ran at (`git show`), and the command
-that reproduces it, as the file records them. tests/test_docs.py runs --check.
+figure, the device it ran on, the day it was measured, and the command that reproduces it,
+as the file records them. tests/test_docs.py runs --check.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -26,28 +26,16 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _date(record: dict, fallback: str) -> str:
-    """The record's date, else its commit's date, else `fallback` (the file's last commit)."""
-    if record.get("date"):
-        return record["date"]
-    for rev in (record.get("commit"), fallback):
-        if rev:
-            out = subprocess.run(["git", "show", "-s", "--format=%cs", rev], cwd=ROOT,
-                                 capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
-    return "?"
-
-
-def _last_commit(path: Path) -> str:
-    out = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(path)], cwd=ROOT,
-                         capture_output=True, text=True)
-    return out.stdout.strip()
+def _date(record: dict, path: Path) -> str:
+    if not isinstance(record.get("date"), str):
+        raise SystemExit(f"{path}: no 'date' field (the day it was measured)")
+    return record["date"]
 
 
 def _command(record: dict) -> str:
-    cmd = record.get("command", "?")
-    cmd = cmd.replace(str(Path.home()), "~")
+    """The recorded command, with a path into the recording machine's cache written ~/.cache/..."""
+    cmd = re.sub(r"(^|\s)(~|/[^ ]*?)/\.cache/layerroute_rt(?=/|\s|$)", r"\1~/.cache/layerroute_rt",
+                 record.get("command", "?"))
     if cmd.startswith("benchmarks/") or cmd.startswith("scripts/"):
         cmd = "python " + cmd
     return f"`{cmd.strip()}`"
@@ -148,7 +136,7 @@ def table() -> str:
     for row, path in ROWS:
         model, figure, device, record = row(path)
         rel = path.relative_to(ROOT)
-        lines.append(f"| {model} | {figure} | {device} | {_date(record, _last_commit(path))} | "
+        lines.append(f"| {model} | {figure} | {device} | {_date(record, path)} | "
                      f"{_command(record)} | [{path.name}]({rel}) |")
     lines.append(END)
     return "\n".join(lines)

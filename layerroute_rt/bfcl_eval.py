@@ -254,8 +254,12 @@ def grammar_tools(case: BfclCase) -> list[dict]:
         if isinstance(node.get("properties"), dict):
             out["properties"] = {name: convert(s) if isinstance(s, dict) else s
                                  for name, s in node["properties"].items()}
-        if isinstance(node.get("items"), dict):
-            out["items"] = convert(node["items"])
+        for key in ("items", "additionalProperties", "not"):         # one subschema
+            if isinstance(node.get(key), dict):
+                out[key] = convert(node[key])
+        for key in ("anyOf", "oneOf", "allOf", "prefixItems"):       # a list of them
+            if isinstance(node.get(key), list):
+                out[key] = [convert(s) if isinstance(s, dict) else s for s in node[key]]
         return out
     return [{"type": "function", "function": {**t["function"], "parameters": convert(t["function"]["parameters"])}}
             for t in case.tools]

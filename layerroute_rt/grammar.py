@@ -206,11 +206,16 @@ class BatchMask:
              n_rows: int) -> tuple[torch.Tensor, dict[int, Exception]]:
         """Advance procs[i] by tokens[i] and fill bitmask row rows[i], for a batch of n_rows
         rows: (bitmask [n_rows, words], {i: the error of a proc that failed}); a failed row's
-        bitmask row is left as it was (the caller drops the row)."""
+        bitmask row is left as it was (the caller drops the row). A row fails alone: its token
+        was forbidden, or its grammar has ended (accepted its stop token) while the row goes on."""
         failed: dict[int, Exception] = {}
         for i, (proc, toks) in enumerate(zip(procs, tokens)):
             try:
                 proc.advance(toks)
+                if proc.matcher.is_terminated():
+                    raise RuntimeError("grammar: the answer is complete (its stop token was accepted), "
+                                       "but the row goes on: the grammar's stop tokens must be the "
+                                       "request's EOS tokens")
             except Exception as e:      # this row's grammar failed: only this row ends
                 failed[i] = e
         vocab = procs[0].vocab_size if procs else 0
@@ -219,8 +224,15 @@ class BatchMask:
             self._mask = self._xgr.allocate_token_bitmask(n_rows, vocab)
         keep = [i for i in range(len(procs)) if i not in failed]
         if keep:
-            self._batch.batch_fill_next_token_bitmask([procs[i].matcher for i in keep], self._mask,
-                                                      indices=[rows[i] for i in keep])
+            try:
+                self._batch.batch_fill_next_token_bitmask([procs[i].matcher for i in keep], self._mask,
+                                                          indices=[rows[i] for i in keep])
+            except Exception:           # find the row at fault: each filled alone
+                for i in keep:
+                    try:
+                        procs[i].matcher.fill_next_token_bitmask(self._mask, rows[i])
+                    except Exception as e:
+                        failed[i] = e
         return self._mask[:n_rows], failed
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:

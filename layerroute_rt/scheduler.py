@@ -663,8 +663,13 @@ class Scheduler:
                 done.append((f, logits))
             seq.followers = []
         if done:
-            tokens = self._sample([s for s, _ in done], torch.stack([lg for _, lg in done]))
-            for (seq, _), token in zip(done, tokens):
+            try:
+                tokens = self._sample([s for s, _ in done], torch.stack([lg for _, lg in done]))
+            except Exception as e:        # they have left _prefilling: each ends here, told
+                for seq, _ in done:
+                    self._end(seq, None, error=e)
+                done = []
+            for (seq, _), token in zip(done, tokens if done else []):
                 if seq.failure is not None:
                     self._end(seq, None, error=seq.failure)
                 elif seq.req.cancelled:

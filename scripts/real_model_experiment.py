@@ -415,6 +415,7 @@ def stage_heldout(args) -> None:
             report.get("batch_size", 8)) != same:
         report = {"adapter": str(adapter), "tau": args.tau, "batch_q": args.batch_q, "batch_size": args.batch,
                   "cases": ids, "runs": {},
+                  "date": time.strftime("%Y-%m-%d"),
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
@@ -578,7 +579,8 @@ def stage_screen(args) -> None:
     candidates = sorted(eligible, key=lambda r: -r["request_total_flops_skipped_pct"])
     report = {"rule": SCREEN_RULE, "cases": len(cases), "rows": rows, "reference": reference["adapter"],
               "candidates_in_order": [r["adapter"] for r in candidates],
-              "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
+              "date": time.strftime("%Y-%m-%d"),
+                  "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     checkpoint.atomic_write_json(out_path, report)
     print(json.dumps({"candidates_in_order": report["candidates_in_order"]}, indent=1))
 
@@ -632,7 +634,8 @@ def stage_reqtime(args) -> None:
         d = sum(x[f"dense_{key}"] for x in rows)
         return 100.0 * (1 - r / d)
     report = {"adapter": str(adapter), "tau": tau, "cases": rows,
-              "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"),
+                  "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:]),
               "device": f"cpu, {torch.get_num_threads()} threads, float32, batch 1",
               "summary": {"prefill_time_saved_pct": saved("prefill_ms"),
                           "decode_time_saved_pct": saved("decode_ms_per_step"),

@@ -272,7 +272,9 @@ def test_grammar_tools_admit_any_value_where_the_doc_type_is_not_json_schemas():
         "type": {"type": "string", "enum": ["a", "b"]},
         "description": {"type": "HashMap"},
         "ids": {"type": "array", "items": {"type": "long"}},
-        "opts": {"type": "dict", "properties": {"deep": {"type": "Boolean"}, "n": {"type": "integer"}}}}}}
+        "opts": {"type": "dict", "properties": {"deep": {"type": "Boolean"}, "n": {"type": "integer"}},
+                 "additionalProperties": {"type": "HashMap"}},
+        "either": {"anyOf": [{"type": "String"}, {"type": "integer"}]}}}}
     case = BfclCase("simple_java_0", "simple_java", ({"role": "user", "content": "x"},), (doc,), None)
     params = be.grammar_tools(case)[0]["function"]["parameters"]
     props = params["properties"]
@@ -281,6 +283,7 @@ def test_grammar_tools_admit_any_value_where_the_doc_type_is_not_json_schemas():
     assert props["type"] == {"type": "string", "enum": ["a", "b"]}
     assert props["ids"] == {"type": "array", "items": {}}
     assert props["opts"]["properties"] == {"deep": {}, "n": {"type": "integer"}}
+    assert props["opts"]["additionalProperties"] == {} and props["either"]["anyOf"] == [{}, {"type": "integer"}]
     pytest.importorskip("xgrammar")
     import layerroute_rt as lr
     from layerroute_rt import grammar

@@ -96,6 +96,35 @@ def test_a_row_without_a_grammar_is_untouched_by_its_neighbours(engine):
     assert tok.decode(reqs[0].tokens).startswith("<tool_call>")
 
 
+def test_a_row_whose_grammar_ended_fails_alone(engine):
+    """A grammar row that goes on after its grammar accepted its stop token (the request's EOS
+    is another token) ends with an error naming why; its neighbour decodes as it would alone,
+    at prefill (a processor already finished) and in decode."""
+    tok = load_tokenizer(engine)
+    eos = frozenset({tok.convert_tokens_to_ids("<|im_end|>")})
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA, "strict": True}}
+    compiled = grammar.compile_constraint(engine, tok, eos, grammar.constraint_spec(fmt))
+    prompts = [encode_prompts([m], engine)[0] for m in (PROSE, TWO)]
+    alone = lr.generate(engine, [prompts[1]], max_new_tokens=40, eos_token_id=sorted(eos)).tokens[0]
+    finished = grammar.GrammarProcessor(compiled)
+    done = lr.generate(engine, [prompts[0]], max_new_tokens=80, eos_token_id=sorted(eos),
+                       logits_processors=[finished])
+    assert done.finish_reasons == ["stop"] and finished.matcher.is_terminated() is False  # not yet told of EOS
+    for proc, other_eos in ((grammar.GrammarProcessor(compiled), {0}), (finished, eos)):
+        sched = Scheduler(engine, max_batch=2)
+        reqs = [Request(prompt=prompts[0], max_new_tokens=80, eos=frozenset(other_eos), logits_processor=proc),
+                Request(prompt=prompts[1], max_new_tokens=40, eos=eos)]
+        if proc is finished:      # it has seen EOS: the next fill finds its grammar ended
+            proc.advance(done.tokens[0])
+            reqs[0].tokens.extend(done.tokens[0])
+        for r in reqs:
+            sched.submit(r)
+        while sched.has_work():
+            sched.step()
+        assert isinstance(reqs[0].error, RuntimeError) and "stop token" in str(reqs[0].error)
+        assert reqs[1].error is None and reqs[1].tokens == alone
+
+
 def test_the_mask_equals_the_bitmask_unpacked(engine):
     """The processor's logits: unchanged where the grammar's bitmask (32 tokens per int32,
     bit j of word w is token 32 w + j) allows a token, -inf elsewhere."""
