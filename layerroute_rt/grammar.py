@@ -239,5 +239,4 @@ class BatchMask:
         """Set logits[r, t] (logits [n_rows, vocab]) to -inf for each row r in rows and each
         token t its bitmask row forbids, in place, in one call."""
         if rows:
-            self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                                  indices=rows)
+            self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

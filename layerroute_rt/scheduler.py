@@ -668,8 +668,8 @@ class Scheduler:
             except Exception as e:        # they have left _prefilling: each ends here, told
                 for seq, _ in done:
                     self._end(seq, None, error=e)
-                done = []
-            for (seq, _), token in zip(done, tokens if done else []):
+                done, tokens = [], []
+            for (seq, _), token in zip(done, tokens):
                 if seq.failure is not None:
                     self._end(seq, None, error=seq.failure)
                 elif seq.req.cancelled:
