@@ -4,12 +4,14 @@ and the dispatch between them (LAYERROUTE_BACKEND).
 Results must equal the references bit for bit.
 """
 
+import importlib
 import os
 
 import pytest
 import torch
 
 from layerroute_rt import ops
+from layerroute_rt.ops import _dispatch
 
 EXT_ERROR = ops.extension_error()
 # CI sets LAYERROUTE_REQUIRE_EXT=1: there a missing extension fails instead of skipping.
@@ -132,7 +134,7 @@ class TestBackendSelection:
 
     def test_forced_torch_runs_reference(self, monkeypatch):
         calls = []
-        monkeypatch.setattr(ops, "compact_rows_ref", lambda m: calls.append(m) or (None, None))
+        monkeypatch.setattr(importlib.import_module("layerroute_rt.ops.compact_rows"), "compact_rows_ref", lambda m: calls.append(m) or (None, None))
         monkeypatch.setenv("LAYERROUTE_BACKEND", "torch")
         ops.compact_rows(torch.ones(3, dtype=torch.bool))
         assert len(calls) == 1
@@ -163,7 +165,7 @@ class TestBackendSelection:
 
     def test_forced_cuda_without_kernel(self, monkeypatch):
         monkeypatch.setenv("LAYERROUTE_BACKEND", "cuda")
-        monkeypatch.setattr(ops, "_COMPILED_KERNELS", set())
+        monkeypatch.setattr(_dispatch, "_COMPILED_KERNELS", set())
         with pytest.raises(RuntimeError, match="cannot run compact_rows"):
             ops.backend("compact_rows", torch.device("cpu"))
 

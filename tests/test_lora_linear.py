@@ -257,8 +257,9 @@ def test_lora_cast_to_x_dtype(device):
 
 def _spy_kernel(monkeypatch):
     calls = []
-    kernel = ops._lora_linear_triton.lora_linear
-    monkeypatch.setattr(ops._lora_linear_triton, "lora_linear",
+    from python_kernels import lora_linear as triton_lora
+    kernel = triton_lora.lora_linear
+    monkeypatch.setattr(triton_lora, "lora_linear",
                         lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     return calls
 

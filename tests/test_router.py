@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from layerroute_rt import ops
+from layerroute_rt.ops import router as router_op
 from layerroute_rt.config import BackboneConfig, LayerRouteConfig
 from layerroute_rt.model import Block
 
@@ -320,6 +321,8 @@ def test_dispatch_backend(monkeypatch):
     references."""
     if not ops._triton_runs_on(torch.device("cpu")):
         pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    from python_kernels import router as router_triton
+
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(5, 7, generator=gen)
     weight, bias = router_params(7, "cpu", gen)
@@ -329,14 +332,14 @@ def test_dispatch_backend(monkeypatch):
 
     with monkeypatch.context() as m:
         m.setenv("LAYERROUTE_BACKEND", "triton")
-        m.setattr(ops, "route_tokens_ref", refuse)
-        m.setattr(ops, "route_sequences_ref", refuse)
+        m.setattr(router_op, "route_tokens_ref", refuse)
+        m.setattr(router_op, "route_sequences_ref", refuse)
         ops.route_tokens(h, weight, bias, 0.5)
         ops.route_sequences(h[None], weight, bias, 0.5)
     with monkeypatch.context() as m:
         m.setenv("LAYERROUTE_BACKEND", "torch")
-        m.setattr(ops._router_triton.RouteTokens, "apply", refuse)
-        m.setattr(ops._router_triton.RouteSequences, "apply", refuse)
+        m.setattr(router_triton.RouteTokens, "apply", refuse)
+        m.setattr(router_triton.RouteSequences, "apply", refuse)
         ops.route_tokens(h, weight, bias, 0.5)
         ops.route_sequences(h[None], weight, bias, 0.5)
 

@@ -5,11 +5,19 @@ Each is checked here, on CPU without Triton, against the same reference on the s
 forced onto its row-list path (gather, compute, scatter), and decode attention against a
 per-row softmax oracle."""
 import contextlib
+import importlib
 
 import pytest
 import torch
 
 from layerroute_rt import ops
+from layerroute_rt.ops import _checks
+
+# The op modules whose references take the whole-tensor path through _checks._listed_rows.
+STAGE_MODULES = [m for m in map(importlib.import_module, (
+    "layerroute_rt.ops.decode_attention", "layerroute_rt.ops.route_kv", "layerroute_rt.ops.qkv_rope",
+    "layerroute_rt.ops.linear_scatter_add", "layerroute_rt.ops.norm_gate_up",
+    "layerroute_rt.ops.norm_linear")) if hasattr(m, "_listed_rows")]
 
 D, H, HKV, HD, INTER, RANK = 53, 6, 2, 12, 45, 5
 QD, KVD = H * HD, HKV * HD
@@ -29,13 +37,14 @@ def _ramp(n: int):
 def whole_path(monkeypatch):
     """Records, per op, whether _listed_rows sent it down the whole-tensor path."""
     taken = []
-    real = ops._listed_rows
+    real = _checks._listed_rows
 
     def spy(op, index, count, n_rows, unique):
         n, rows = real(op, index, count, n_rows, unique)
         taken.append((op, rows is None))
         return n, rows
-    monkeypatch.setattr(ops, "_listed_rows", spy)
+    for module in STAGE_MODULES:
+        monkeypatch.setattr(module, "_listed_rows", spy)
     return taken
 
 
@@ -45,8 +54,9 @@ def row_list_path(monkeypatch):
     @contextlib.contextmanager
     def forced():
         with monkeypatch.context() as m:
-            m.setattr(ops, "_listed_rows", lambda op, index, count, n_rows, unique: (
-                int(count[0]), ops._live_rows(op, index, count, n_rows, unique)))
+            for module in STAGE_MODULES:
+                m.setattr(module, "_listed_rows", lambda op, index, count, n_rows, unique: (
+                    int(count[0]), _checks._live_rows(op, index, count, n_rows, unique)))
             yield
     return forced
 
