@@ -57,7 +57,7 @@ def _meta(command: str) -> dict:
 
 
 def prefix_cache_bench(args) -> dict:
-    from layerroute_rt.real_model import fetch_model
+    from layerroute_rt.model.real_model import fetch_model
 
     model = lr.load(fetch_model(), dtype=torch.float32)
     cached = lr.InferenceModel(model)

@@ -37,10 +37,10 @@ def prompts_for(engine, batch: int, real: bool) -> list:
     if not real:
         return [f"Find flights from Paris to {c} on {d} May." for c, d in
                 zip(["Rome", "Oslo", "Lima", "Kyiv", "Riga", "Bern", "Doha", "Baku"] * 4, range(1, 33))][:batch]
-    from layerroute_rt import real_model
-    from layerroute_rt.bfcl_eval import render_prompt
+    from layerroute_rt.model import real_model
+    from layerroute_rt.eval.bfcl import render_prompt
     from layerroute_rt.data import bfcl
-    from layerroute_rt.generate import load_tokenizer
+    from layerroute_rt.runtime.generate import load_tokenizer
     cases = bfcl.split_ids(bfcl.load_category(real_model.fetch_bfcl(), "simple_python"), heldout=50, seed=0)[1]
     tok = load_tokenizer(engine)
     return [render_prompt(tok, c) for c in cases[:batch]]

@@ -1,4 +1,4 @@
-"""What a grammar mask costs a decode step (layerroute_rt/grammar.py): the scheduler's time per
+"""What a grammar mask costs a decode step (layerroute_rt/runtime/grammar.py): the scheduler's time per
 decode step with every row constrained against none, at batch 1 and 8, interleaved. Writes JSON.
 
     python benchmarks/bench_grammar.py [--model DIR] [--steps 32] [--repeats 5] [--out FILE]
@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt import grammar  # noqa: E402
+from layerroute_rt.runtime import grammar  # noqa: E402
 from layerroute_rt.cli import DEMO_DIR  # noqa: E402
-from layerroute_rt.generate import encode_prompts, load_tokenizer  # noqa: E402
-from layerroute_rt.scheduler import Request, Scheduler  # noqa: E402
+from layerroute_rt.runtime.generate import encode_prompts, load_tokenizer  # noqa: E402
+from layerroute_rt.runtime.scheduler import Request, Scheduler  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 400}}, "required": ["story"]}
 

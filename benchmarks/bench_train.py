@@ -1,4 +1,4 @@
-"""Training speed: seconds per optimizer step of `layerroute_rt.train` against transformers + peft
+"""Training speed: seconds per optimizer step of `layerroute_rt.train.trainer` against transformers + peft
 training the same LoRA (rank, alpha, targets) at the same batch, grad-accum and sequence length.
 
     python benchmarks/bench_train.py                  # Qwen2.5-0.5B shapes, random weights, GPU
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))          # qwen_factory: random HF Qwen2 checkpoints
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt.train import TrainConfig, train  # noqa: E402
+from layerroute_rt.train.trainer import TrainConfig, train  # noqa: E402
 
 
 def _sync(device):

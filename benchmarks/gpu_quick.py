@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt import scheduler as sched_mod  # noqa: E402
+from layerroute_rt.runtime import scheduler as sched_mod  # noqa: E402
 
 STAGES = ("equality", "graph", "dense", "skip", "transformers")    # budgets: gpu_checks.sh
 NEW_TOKENS = 32
@@ -88,7 +88,7 @@ def _compare(model, prompt, n) -> dict:
 
 def stage_equality(smoke: bool) -> dict:
     from layerroute_rt.cli import DEMO_DIR
-    from layerroute_rt.generate import encode_prompts
+    from layerroute_rt.runtime.generate import encode_prompts
     demo = lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter", device=_device())
     ids = encode_prompts(["Find flights from Paris to Rome."], lr.InferenceModel(demo))[0]
     out = {"demo_fp32_routed": _compare(demo, ids, NEW_TOKENS)}

@@ -29,7 +29,7 @@ _CACHE = re.compile(r"^(~|/[^ ]*?)/\.cache/layerroute_rt(?=/|$)")
 def local_arg(arg: str) -> str:
     """A recorded argument with a path into another machine's layerroute cache made this one's."""
     sys.path.insert(0, str(ROOT))
-    from layerroute_rt.real_model import cache_dir
+    from layerroute_rt.model.real_model import cache_dir
     return _CACHE.sub(lambda _: str(cache_dir()), arg)
 
 

@@ -1,14 +1,14 @@
 """layerroute_rt: Qwen2 decoders that skip transformer blocks per token, with learned routers and
 LoRA adapters on frozen weights. See docs/DESIGN.md for the semantics."""
-from .cache import KVCache
-from .checkpoint import CheckpointError, CheckpointNotFoundError
+from .model.cache import KVCache
+from .model.checkpoint import CheckpointError, CheckpointNotFoundError
 from .config import BackboneConfig, LayerRouteConfig
-from .engine import InferenceModel
-from .flops import count_parameters, flops_report
-from .generate import GenerateOutput, GenerationStream, StreamChunk, engine_for, generate
-from .prefix_cache import PrefixCache
-from .model import LayerRouteModel, load
-from .toolcalls import parse_tool_calls
+from .runtime.engine import InferenceModel
+from .model.flops import count_parameters, flops_report
+from .runtime.generate import GenerateOutput, GenerationStream, StreamChunk, engine_for, generate
+from .runtime.prefix_cache import PrefixCache
+from .model.modeling import LayerRouteModel, load
+from .runtime.toolcalls import parse_tool_calls
 
 __all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
            "GenerationStream", "InferenceModel", "KVCache", "LayerRouteConfig", "LayerRouteModel", "PrefixCache",

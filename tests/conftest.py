@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
 def real_model_dir():
     """The real model's Hugging Face directory (Qwen2.5-Coder-0.5B-Instruct, bf16), fetched and
     converted once into the cache (instant when cached)."""
-    from layerroute_rt.real_model import fetch_model
+    from layerroute_rt.model.real_model import fetch_model
 
     return fetch_model()
 

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt.cache import KVCache
+from layerroute_rt.model.cache import KVCache
 from layerroute_rt.cli import DEMO_DIR
-from layerroute_rt.generate import _eos_ids, cache_bucket, encode_prompts, engine_for, load_tokenizer
-from layerroute_rt.prefix_cache import Entry, PrefixCache
+from layerroute_rt.runtime.generate import (
+    _eos_ids,
+    cache_bucket,
+    encode_prompts,
+    engine_for,
+    load_tokenizer,
+)
+from layerroute_rt.runtime.prefix_cache import Entry, PrefixCache
 from qwen_factory import save_random_qwen2
 
 TOOL = {"type": "function", "function": {
@@ -117,7 +123,11 @@ def test_prefix_cache_hits_equal_uncached_runs(routed, kv_policy, merge):
 def test_prefill_after_restored_prefixes_equals_full_prefill(routed, kv_policy):
     """The logits and decisions of a prefill after cached prefixes of unequal lengths (a batch
     of two, each left-padded apart) equal those of prefilling the whole prompts."""
-    from layerroute_rt.scheduler import left_pad as _batch, plan_reuse as _plan_reuse, restore as _restore
+    from layerroute_rt.runtime.scheduler import (
+        left_pad as _batch,
+        plan_reuse as _plan_reuse,
+        restore as _restore,
+    )
 
     _with(routed, kv_policy=kv_policy)
     engine = lr.InferenceModel(routed)

@@ -2,7 +2,7 @@
 evaluate_bfcl end to end on the bundled demo model."""
 import pytest
 
-from layerroute_rt import bfcl_eval as be
+from layerroute_rt.eval import bfcl as be
 from layerroute_rt.cli import DEMO_DIR
 from layerroute_rt.data.bfcl import BfclCase
 
@@ -286,8 +286,8 @@ def test_grammar_tools_admit_any_value_where_the_doc_type_is_not_json_schemas():
     assert props["opts"]["additionalProperties"] == {} and props["either"]["anyOf"] == [{}, {"type": "integer"}]
     pytest.importorskip("xgrammar")
     import layerroute_rt as lr
-    from layerroute_rt import grammar
-    from layerroute_rt.generate import load_tokenizer
+    from layerroute_rt.runtime import grammar
+    from layerroute_rt.runtime.generate import load_tokenizer
     engine = lr.InferenceModel(lr.load(DEMO_DIR))
     tok = load_tokenizer(engine)
     eos = frozenset({tok.convert_tokens_to_ids("<|im_end|>")})

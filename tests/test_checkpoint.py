@@ -13,10 +13,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from layerroute_rt import checkpoint as ckpt
-from layerroute_rt.checkpoint import (
-    CheckpointError, CheckpointNotFoundError, atomic_dir, atomic_save_safetensors,
-    atomic_write_json, expected_backbone_shapes, load_backbone_tensors, read_backbone_config)
+from layerroute_rt.model import checkpoint as ckpt
+from layerroute_rt.model.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    atomic_dir,
+    atomic_save_safetensors,
+    atomic_write_json,
+    expected_backbone_shapes,
+    load_backbone_tensors,
+    read_backbone_config,
+)
 from layerroute_rt.config import BackboneConfig
 
 transformers = pytest.importorskip("transformers")

@@ -99,7 +99,7 @@ CASES = {
 
 
 def test_every_decode_op_is_a_custom_op():
-    from layerroute_rt.generate import DECODE_OPS
+    from layerroute_rt.runtime.generate import DECODE_OPS
 
     assert set(DECODE_OPS) <= {name.split("::")[1] for name in ops.PYTHON_OPS}
     for name in ops.PYTHON_OPS:

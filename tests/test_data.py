@@ -367,7 +367,7 @@ def test_examples_reject_bad_arguments(tok, trajectories):
 def test_value_label_weight_marks_the_json_value_tokens(tok):
     """1 + weight on exactly the tokens that overlap a JSON value of the decoded step, 1 on the
     rest; the tokens add up to the text, so every value character lies in a weighted token."""
-    from layerroute_rt.toolcalls import json_value_spans
+    from layerroute_rt.runtime.toolcalls import json_value_spans
     text = '```json\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```'
     ids = tok.encode(text, add_special_tokens=False)
     weight = D.value_label_weight(tok, ids, 4.0)

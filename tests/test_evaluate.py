@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import layerroute_rt as lr
 from layerroute_rt.data import Example, collate
-from layerroute_rt.evaluate import evaluate, run_seeds, summarize
-from layerroute_rt.train import TrainConfig
+from layerroute_rt.eval.evaluate import evaluate, run_seeds, summarize
+from layerroute_rt.train.trainer import TrainConfig
 
 
 def examples(n=16, seed=0):

@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from layerroute_rt import real_model
+from layerroute_rt.model import real_model
 
 
 def fake_download(contents):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt.cache import KVCache
+from layerroute_rt.model.cache import KVCache
 from layerroute_rt.cli import DEMO_DIR
-from layerroute_rt.generate import load_tokenizer
+from layerroute_rt.runtime.generate import load_tokenizer
 from qwen_factory import QWEN25_05B, save_random_qwen2
 
 PROMPTS = [[5, 9, 200, 3], [17, 1, 2, 3, 4, 5, 6, 7, 8], [250]]
@@ -405,7 +405,7 @@ def test_decode_step_reads_nothing_back(routed, monkeypatch, kv_policy):
     Python but the blocks' predicates, once per block (engine.read_predicate: the CPU's
     stand-in for the CUDA graph's IF nodes): the counts stay on the device, as a CUDA graph
     needs. It still matches the reference path."""
-    from layerroute_rt import engine as engine_module
+    from layerroute_rt.runtime import engine as engine_module
 
     monkeypatch.setenv("LAYERROUTE_BACKEND", "triton")
     routed.lr_config = dataclasses.replace(routed.lr_config, kv_policy=kv_policy)

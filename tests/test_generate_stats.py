@@ -2,7 +2,7 @@
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt.generate import generated_flops
+from layerroute_rt.runtime.generate import generated_flops
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
 

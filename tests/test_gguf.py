@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt import checkpoint, gguf_file
+from layerroute_rt.model import checkpoint, gguf_file
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q, quants  # noqa: E402

@@ -1,4 +1,4 @@
-"""Constrained decoding (layerroute_rt/grammar.py, xgrammar) on the bundled demo model:
+"""Constrained decoding (layerroute_rt/runtime/grammar.py, xgrammar) on the bundled demo model:
 tool_choice "required" and named give calls whose arguments validate against their schemas,
 also for a prompt the unconstrained model answers in prose; parallel_tool_calls=False gives one
 call at most; json_schema / json_object answers parse and validate; a row without a grammar is
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt import grammar
+from layerroute_rt.runtime import grammar
 from layerroute_rt.cli import DEMO_DIR
-from layerroute_rt.generate import encode_prompts, load_tokenizer
-from layerroute_rt.scheduler import Request, Scheduler
+from layerroute_rt.runtime.generate import encode_prompts, load_tokenizer
+from layerroute_rt.runtime.scheduler import Request, Scheduler
 
 pytest.importorskip("xgrammar")
 
@@ -203,7 +203,7 @@ def test_bad_specs_are_errors_naming_the_field(engine):
 @pytest.fixture(scope="module")
 def client(engine):
     openai = pytest.importorskip("openai")
-    from layerroute_rt import serve as serve_mod
+    from layerroute_rt.serve import app as serve_mod
     with serve_mod.running(serve_mod.create_app(engine, "layerroute-demo")) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
 

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import layerroute_rt as lr
-from layerroute_rt import model as model_mod
+from layerroute_rt.model import modeling as model_mod
 from qwen_factory import QWEN25_05B, save_random_qwen2
 
 

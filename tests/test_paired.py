@@ -1,4 +1,4 @@
-"""Paired statistics (layerroute_rt/paired.py) on fixed toy records, and the whole-request FLOPs
+"""Paired statistics (layerroute_rt/eval/paired.py) on fixed toy records, and the whole-request FLOPs
 of the BFCL eval (bfcl_eval.prompt_flops) against a hand count."""
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt.bfcl_eval import prompt_flops
+from layerroute_rt.eval.bfcl import prompt_flops
 from layerroute_rt.cli import DEMO_DIR
-from layerroute_rt.paired import bootstrap_diff_ci, compare, sign_test
+from layerroute_rt.eval.paired import bootstrap_diff_ci, compare, sign_test
 
 
 def test_sign_test_exact_values():

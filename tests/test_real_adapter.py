@@ -9,9 +9,9 @@ import torch
 
 import layerroute_rt as lr
 from layerroute_rt.data import bfcl
-from layerroute_rt.generate import load_tokenizer
-from layerroute_rt.real_model import fetch_bfcl
-from layerroute_rt.toolcalls import parse_tool_calls
+from layerroute_rt.runtime.generate import load_tokenizer
+from layerroute_rt.model.real_model import fetch_bfcl
+from layerroute_rt.runtime.toolcalls import parse_tool_calls
 
 pytestmark = pytest.mark.real_model
 

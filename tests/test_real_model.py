@@ -6,11 +6,11 @@ import torch
 import transformers
 
 import layerroute_rt as lr
-from layerroute_rt.bfcl_eval import evaluate_bfcl
+from layerroute_rt.eval.bfcl import evaluate_bfcl
 from layerroute_rt.data import bfcl
-from layerroute_rt.generate import load_tokenizer
-from layerroute_rt.real_model import fetch_bfcl
-from layerroute_rt.toolcalls import parse_tool_calls
+from layerroute_rt.runtime.generate import load_tokenizer
+from layerroute_rt.model.real_model import fetch_bfcl
+from layerroute_rt.runtime.toolcalls import parse_tool_calls
 
 pytestmark = pytest.mark.real_model
 
@@ -109,7 +109,7 @@ def test_agent_loop_with_tools_and_the_prefix_cache(real_model):
 def test_streamed_text_of_multibyte_characters(real_model):
     """Byte-level BPE splits a character over tokens: the stream gives it whole, once, and the
     pieces join to the text."""
-    from layerroute_rt.sampling import TextDeltas
+    from layerroute_rt.runtime.sampling import TextDeltas
 
     tok = load_tokenizer(lr.engine_for(real_model))
     text = "naïve café, 東京 and 🚀!"

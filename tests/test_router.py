@@ -15,7 +15,7 @@ import torch
 from layerroute_rt import ops
 from layerroute_rt.ops import router as router_op
 from layerroute_rt.config import BackboneConfig, LayerRouteConfig
-from layerroute_rt.model import Block
+from layerroute_rt.model.modeling import Block
 
 pytest.importorskip("triton")
 

@@ -4,7 +4,7 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from layerroute_rt import ops
-from layerroute_rt.model import RMSNorm
+from layerroute_rt.model.modeling import RMSNorm
 
 EPS = 1e-6
 

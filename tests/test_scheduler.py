@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler (layerroute_rt/scheduler.py) and the decode step's padding
+"""The continuous-batching scheduler (layerroute_rt/runtime/scheduler.py) and the decode step's padding
 rows and batch policy (engine.DecodeState.active, batch_q), on the bundled demo model: requests
 that join a running batch at different steps get generate()'s greedy tokens, one at a time;
 short ones leave first; long prompts prefill in chunks; sequence granularity keeps each
@@ -15,8 +15,8 @@ import torch
 
 import layerroute_rt as lr
 from layerroute_rt.cli import DEMO_DIR
-from layerroute_rt.generate import encode_prompts
-from layerroute_rt.scheduler import Request, Scheduler
+from layerroute_rt.runtime.generate import encode_prompts
+from layerroute_rt.runtime.scheduler import Request, Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +376,8 @@ class _FakeGraph:
 def _ladder_engine(monkeypatch, fail: dict):
     """A fresh demo engine on which graphs 'exist' (graphs_possible, IF nodes available), and
     whose capture fails as `fail` says per level: "raise", "wrong" (other tokens) or None."""
-    from layerroute_rt import engine as engine_mod
-    from layerroute_rt import scheduler as sched_mod
+    from layerroute_rt.runtime import engine as engine_mod
+    from layerroute_rt.runtime import scheduler as sched_mod
     monkeypatch.setattr(sched_mod, "graphs_possible", lambda device: True)
     monkeypatch.setattr(engine_mod, "conditional_nodes_unavailable",
                         lambda device=None: "no IF nodes (test)" if fail.get("conditional_node") == "absent" else None)
@@ -403,7 +403,7 @@ def _ladder_engine(monkeypatch, fail: dict):
     ({"conditional_node": "wrong", "early_exit": "raise"}, "eager"),
 ])
 def test_decode_path_ladder_takes_the_first_level_that_decodes_like_eager(monkeypatch, prompts, fail, chosen):
-    from layerroute_rt.scheduler import decode_path
+    from layerroute_rt.runtime.scheduler import decode_path
     eng = _ladder_engine(monkeypatch, fail)
     with pytest.warns(UserWarning, match="decode path") if fail else contextlib.nullcontext():
         decode_path(eng)

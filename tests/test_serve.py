@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (layerroute_rt/serve.py), driven by the real `openai` client over
+"""The OpenAI-compatible server (layerroute_rt/serve/app.py), driven by the real `openai` client over
 loopback: plain, streamed and stopped completions equal generate()'s text; tools and tool_choice
 through the template and tool calls parsed back; 8 concurrent requests batched; every kind of bad
 input answered 400 (401 for the key) with an OpenAI error body; a dropped stream frees its slot;
@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt import serve as serve_mod  # noqa: E402
+from layerroute_rt.serve import app as serve_mod  # noqa: E402
 from layerroute_rt.cli import DEMO_DIR  # noqa: E402
 
 KEY = "test-key"
@@ -518,7 +518,7 @@ def test_n_choices_share_the_prompt(client, engine):
 
 
 def test_logprobs_are_sorted_and_match_the_engines_logits(client, engine):
-    from layerroute_rt.generate import encode_prompts
+    from layerroute_rt.runtime.generate import encode_prompts
     prompt = encode_prompts([CHAT], engine)[0]
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
                                        top_logprobs=4, extra_body={"ignore_eos": True})

@@ -1,7 +1,7 @@
 """parse_tool_calls: Qwen's <tool_call> tags, fenced JSON and bare JSON, malformed calls reported."""
 import pytest
 
-from layerroute_rt.toolcalls import parse_tool_calls
+from layerroute_rt.runtime.toolcalls import parse_tool_calls
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
 
@@ -128,7 +128,7 @@ def test_not_a_string_is_an_error():
     ("", []),
 ])
 def test_json_value_spans(text, values):
-    from layerroute_rt.toolcalls import json_value_spans
+    from layerroute_rt.runtime.toolcalls import json_value_spans
     spans = json_value_spans(text)
     assert [text[s:e] for s, e in spans] == values
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))      # in order, disjoint
@@ -140,7 +140,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 
-from layerroute_rt.toolcalls import ToolCallStream, scan_tool_calls  # noqa: E402
+from layerroute_rt.runtime.toolcalls import ToolCallStream, scan_tool_calls  # noqa: E402
 
 STREAM_CASES = [
     # (text, expected calls as (name, arguments text), expected content)

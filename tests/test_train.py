@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import layerroute_rt as lr
-from layerroute_rt import train as train_mod
-from layerroute_rt.train import TrainConfig, TrainingDiverged, lr_factor, train
+from layerroute_rt.train import trainer as train_mod
+from layerroute_rt.train.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 from qwen_factory import save_random_qwen2
 
 

@@ -1,4 +1,4 @@
-"""Training under torch.distributed (layerroute_rt/train.py), with 2 gloo processes on CPU: 2 ranks
+"""Training under torch.distributed (layerroute_rt/train/trainer.py), with 2 gloo processes on CPU: 2 ranks
 give the trainable parameters of 1 rank at the same global batch (micro-batches split, or
 whole micro-batches shared out); only rank 0 writes; the all-reduce carries the trainable
 gradients only; a rank that dies fails the other with DistributedFailure within the timeout;
@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 import layerroute_rt as lr
-from layerroute_rt import train as train_mod
-from layerroute_rt.train import TrainConfig, train
+from layerroute_rt.train import trainer as train_mod
+from layerroute_rt.train.trainer import TrainConfig, train
 from qwen_factory import save_random_qwen2
 from test_train import collate, read_log, toy_examples
 

@@ -17,7 +17,7 @@ from typing import Any
 import tokenizers
 import torch
 
-from ..toolcalls import json_value_spans
+from ..runtime.toolcalls import json_value_spans
 from .chat import render_chatml, to_chat_messages
 from .types import ROLE_OF, ROUTED_STEP_TYPES, Trajectory
 

@@ -1,4 +1,4 @@
-"""The one plain-torch RMSNorm and RoPE: the model (layerroute_rt.model.modeling) runs them, the
+"""The one plain-torch RMSNorm and RoPE: the model (layerroute_rt.model.modeling.modeling) runs them, the
 block-stage references use them, and the stage kernels compute the same in their prologues."""
 
 from __future__ import annotations

@@ -44,11 +44,12 @@ from typing import Callable
 
 import torch
 
-from . import grammar, ops
+from . import grammar
+from .. import ops
 from . import prefix_cache as prefix_cache_mod
-from .config import check_tau
+from ..config import check_tau
 from .engine import DecodeState, InferenceModel
-from .flops import FlopsReport, flops_report
+from ..model.flops import FlopsReport, flops_report
 from .sampling import TextDeltas, load_tokenizer, sample
 
 MIN_BUCKET = 256         # the smallest KV cache length

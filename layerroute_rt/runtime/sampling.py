@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import gguf_file
+from ..model import gguf_file
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

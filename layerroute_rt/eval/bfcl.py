@@ -37,13 +37,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .data.bfcl import CATEGORIES, NO_CALL_CATEGORIES, BfclCase
-from .engine import InferenceModel
-from .flops import FlopsReport, flops_report
-from . import grammar
-from .generate import _eos_ids, decode_router_blocks, generate, generated_flops, load_tokenizer
-from .model import LayerRouteModel
-from .toolcalls import parse_tool_calls
+from ..data.bfcl import CATEGORIES, NO_CALL_CATEGORIES, BfclCase
+from ..runtime.engine import InferenceModel
+from ..model.flops import FlopsReport, flops_report
+from ..runtime import grammar
+from ..runtime.generate import (
+    _eos_ids,
+    decode_router_blocks,
+    generate,
+    generated_flops,
+    load_tokenizer,
+)
+from ..model.modeling import LayerRouteModel
+from ..runtime.toolcalls import parse_tool_calls
 
 SETTINGS = ("base", "lora", "routed")
 # New tokens per case: a call of Qwen2.5-Coder in a ```json fence takes 30-80 tokens; parallel
@@ -370,7 +376,7 @@ def evaluate_bfcl(model_or_engine, cases: Sequence[BfclCase], settings: Sequence
     batch_q: the routed setting's batch policy (generate's batch_q; 1: exact per-token skipping).
     progress: called with a line of text after each batch. tool_choice "required": each
     answer is constrained to calls of its case's functions, arguments following their schemas
-    (layerroute_rt.grammar, in the template's <tool_call> format); None or "auto": free text.
+    (layerroute_rt.runtime.grammar, in the template's <tool_call> format); None or "auto": free text.
 
     Returns {"settings": {setting: {"tau", "lora", "seconds", "all": summary,
     "categories": {category: summary}, "cases": [{"id", "category", "correct", "error",

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, atomic_dir, atomic_save_safetensors, \
     atomic_write_json
-from .config import BackboneConfig
+from ..config import BackboneConfig
 
 # Tensor types we dequantize (the gguf package has numpy dequantizers for all of them).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1",

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .cache import KVCache
-from .config import BackboneConfig
+from .. import ops
+from ..model.cache import KVCache
+from ..config import BackboneConfig
 
 
 QUERY_CHUNK = 1024      # prefill queries per masked attention call (bounds the score matrix)
@@ -108,7 +108,7 @@ class Stages:
         sequence) of a prefill against the cache: plain causal attention where every token of a
         left-padded prompt runs (prompt_len[b] of them, nothing cached before: start 0), else a
         mask of the valid earlier slots, built for QUERY_CHUNK queries at a time."""
-        from .model import _attention
+        from ..model.modeling import _attention
 
         cfg = self.cfg
         n = rows.numel()

@@ -1,6 +1,6 @@
 """generate(): prompts in, tokens, text and skip statistics out, on the inference engine.
 
-generate() is a client of the runtime's one loop, the scheduler (layerroute_rt.scheduler): its
+generate() is a client of the runtime's one loop, the scheduler (layerroute_rt.runtime.scheduler): its
 prompts are submitted together to a scheduler of their batch size, whose first iteration
 prefills them as one left-padded batch (engine.prefill); each decode step is engine.decode_step,
 which on CUDA is captured once per (batch bucket, cache length, tau, skip set) in a CUDA graph
@@ -21,10 +21,10 @@ from typing import Iterator
 import torch
 
 from . import grammar
-from .config import check_tau
+from ..config import check_tau
 from .engine import InferenceModel
-from .flops import flops_report
-from .model import LayerRouteModel, LoRALinear
+from ..model.flops import flops_report
+from ..model.modeling import LayerRouteModel, LoRALinear
 from .sampling import TextDeltas, checkpoint_tokenizer, load_tokenizer, sample, _no_tokenizer  # noqa: F401
 from .scheduler import (DECODE_OPS, MIN_BUCKET, Request, Scheduler, cache_bucket, check_batch_q,  # noqa: F401
                         decode_router_blocks, generated_flops, graphs_possible, left_pad, plan_reuse,
@@ -237,7 +237,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     template (a user turn plus the generation prompt), with `tools` (OpenAI-style function
     schemas) when given. Prompts of different lengths are left-padded into one batch.
     A prompt that starts with tokens the engine's prefix cache holds (same tau and skip set)
-    prefills only the rest (see layerroute_rt.prefix_cache for what that means under `sequence`
+    prefills only the rest (see layerroute_rt.runtime.prefix_cache for what that means under `sequence`
     granularity), and the sequence it ends up with (prompt and fed-back tokens) is cached.
     Sampling: greedy at temperature 0, else top-k / top-p, sequence b drawing from its own
     generator seeded with seed + b when seed is given (torch's default generator otherwise). Each sequence ends on
@@ -247,7 +247,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     every token. stream=True returns a GenerationStream (see its docstring). batch_q < 1 is
     the batch policy (docs/DESIGN.md section 6): in a decode step a block is skipped for every row
     when at least that fraction of the rows would skip it (1: a block runs if any row wants it).
-    Constrained decoding (layerroute_rt.grammar, xgrammar): response_format ({"type":
+    Constrained decoding (layerroute_rt.runtime.grammar, xgrammar): response_format ({"type":
     "json_object"} or {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}})
     or tool_choice with tools ("auto", "required" or a named function {"type": "function",
     "function": {"name": ...}}; parallel_tool_calls=False: one call at most) masks each

@@ -4,7 +4,7 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (a prompt as text or 
 template), GET /v1/models, GET /v1/models/{id}, GET /health.
 
 What holds:
-* One worker thread owns the engine and runs its scheduler (layerroute_rt.scheduler: continuous
+* One worker thread owns the engine and runs its scheduler (layerroute_rt.runtime.scheduler: continuous
   batching): a request joins the running batch at the next iteration and leaves it when it
   ends; each row samples with its own temperature, top_p and seed.
 * n choices (up to max_n) are n rows of the batch; they share the prompt's prefill (the
@@ -21,7 +21,7 @@ What holds:
   under the model's raw logits (before a grammar mask and the temperature, as vLLM reports
   them) and the k most likely tokens', best first; streamed with the deltas they came with.
 * Tools go through the checkpoint's chat template; tool_choice "none" renders none, a named
-  function renders only that one. Constrained decoding (layerroute_rt.grammar, xgrammar):
+  function renders only that one. Constrained decoding (layerroute_rt.runtime.grammar, xgrammar):
   tool_choice "required" or a named function makes the answer calls (in the template's
   <tool_call> format, arguments following their schemas), parallel_tool_calls false allows one
   call at most, and response_format json_object / json_schema makes it JSON; the grammar is
@@ -59,12 +59,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import InferenceModel
-from . import grammar
-from .generate import _eos_ids, encode_prompts, load_tokenizer
-from .scheduler import Request as SequenceRequest
-from .scheduler import Scheduler
-from .toolcalls import ToolCallStream
+from ..runtime.engine import InferenceModel
+from ..runtime import grammar
+from ..runtime.generate import _eos_ids, encode_prompts, load_tokenizer
+from ..runtime.scheduler import Request as SequenceRequest
+from ..runtime.scheduler import Scheduler
+from ..runtime.toolcalls import ToolCallStream
 
 log = logging.getLogger("layerroute.serve")
 
@@ -415,7 +415,7 @@ class Job:
 
 class Worker:
     """The thread that owns the engine: it runs the continuous-batching scheduler
-    (layerroute_rt.scheduler.Scheduler), which admits requests and ends them at every decode
+    (layerroute_rt.runtime.scheduler.Scheduler), which admits requests and ends them at every decode
     step."""
 
     def __init__(self, engine: InferenceModel, skip_layers=None, max_batch: int = MAX_BATCH,

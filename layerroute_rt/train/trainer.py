@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .model import LayerRouteModel
+from ..model import checkpoint
+from ..model.modeling import LayerRouteModel
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_DIR = "checkpoint"

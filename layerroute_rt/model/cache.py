@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import BackboneConfig
+from ..config import BackboneConfig
 
 
 class KVCache:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BackboneConfig, LayerRouteConfig
+from ..config import BackboneConfig, LayerRouteConfig
 
 
 def count_parameters(backbone, lr: LayerRouteConfig) -> dict[str, int]:

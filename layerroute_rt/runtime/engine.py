@@ -12,7 +12,7 @@ Weights, per block, built once from a LayerRouteModel:
   `InferenceModel.with_adapter(dir)` builds another unmerged engine over the same base tensors,
   so several adapters share one copy of the backbone.
 
-Both prefill and the decode step run a block through layerroute_rt.block.Stages (route, qkv,
+Both prefill and the decode step run a block through layerroute_rt.runtime.block.Stages (route, qkv,
 attention, o_proj, MLP), over the rows that run it.
 
 Prefill (`prefill`, host synchronisation allowed): per block, route every real token, write the
@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, ops
+from ..model import checkpoint
+from .. import ops
 from . import prefix_cache as prefix_cache_mod
 from .block import FusedBlock, Stages
-from .cache import KVCache
-from .config import LayerRouteConfig
-from .model import LayerRouteModel, LoRALinear
+from ..model.cache import KVCache
+from ..config import LayerRouteConfig
+from ..model.modeling import LayerRouteModel, LoRALinear
 
 
 def _lora_of(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -151,7 +152,7 @@ class InferenceModel:
     (standing in for the CUDA graph's IF node, see branch_mode); False on CUDA: no host reads,
     so generate() captures the step in a CUDA graph.
     prefix_cache: keep the K/V of the sequences generate() ran, so that a prompt starting with
-    one of them prefills only its new tokens (layerroute_rt.prefix_cache); prefix_cache_tokens
+    one of them prefills only its new tokens (layerroute_rt.runtime.prefix_cache); prefix_cache_tokens
     bounds what it holds, in tokens.
     """
 

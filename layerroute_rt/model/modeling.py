@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, gguf_file, ops
+from . import checkpoint, gguf_file
+from .. import ops
 from .cache import KVCache
-from .config import BackboneConfig, LayerRouteConfig, check_tau
+from ..config import BackboneConfig, LayerRouteConfig, check_tau
 
 
 # ---------------------------------------------------------------------------------------------

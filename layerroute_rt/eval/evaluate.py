@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import LayerRouteConfig
-from .data.splits import split_stats
-from .flops import flops_report
-from .model import LayerRouteModel, load
-from .train import TrainConfig, route_mask, train
+from ..model import checkpoint
+from ..config import LayerRouteConfig
+from ..data.splits import split_stats
+from ..model.flops import flops_report
+from ..model.modeling import LayerRouteModel, load
+from ..train.trainer import TrainConfig, route_mask, train
 
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
