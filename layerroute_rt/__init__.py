@@ -8,6 +8,7 @@ from .model.flops import count_parameters, flops_report
 from .runtime.generate import GenerateOutput, GenerationStream, StreamChunk, engine_for, generate
 from .runtime.prefix_cache import PrefixCache
 from .model.modeling import LayerRouteModel, load
+from .model import real_model  # `from layerroute_rt import real_model`, as the README shows
 from .runtime.toolcalls import parse_tool_calls
 
 __all__ = ["BackboneConfig", "CheckpointError", "CheckpointNotFoundError", "GenerateOutput",
