@@ -7,7 +7,8 @@ from .examples import IGNORE_INDEX, Example, build_examples, collate, render_ste
 from .loaders import FORMATS, load_dataset, save_openai_jsonl
 from .splits import (heldout_split, length_matched_split, length_type_correlation, match_lengths,
                      split_stats, within_tolerance)
-from .synthetic import DOMAINS, TOOLS, generate_trajectories
+from .synthetic import generate_trajectories
+from .tool_catalog import DOMAINS, TOOLS
 from .tokenizer import train_tokenizer
 from .types import ROUTED_STEP_TYPES, STEP_TYPES, DataFormatError, Step, Trajectory
 

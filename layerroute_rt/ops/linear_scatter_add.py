@@ -1,7 +1,5 @@
 """linear_scatter_add, a block stage: residual[index[i]] += x[i] W^T (+ LoRA), the o_proj and
-down_proj of the listed rows added back into the residual (docs/DESIGN.md section 4). It reads its row list (index int32 [M]) and count (int32 [1]) from
-device memory; the reference reads the count on the host and, for a list of every row in
-order, reads and writes whole tensors (_listed_rows). Inference only."""
+down_proj of the listed rows added back into the residual (row lists: the package docstring). Inference only."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """qkv_rope, a block stage: input RMSNorm, the fused q/k/v projection with its LoRA, RoPE, and
-the K/V cache write, over the listed rows (docs/DESIGN.md section 4). It reads its row list (index int32 [M]) and count (int32 [1]) from
-device memory; the reference reads the count on the host and, for a list of every row in
-order, reads and writes whole tensors (_listed_rows). Inference only."""
+the K/V cache write, over the listed rows (row lists: the package docstring). Inference only."""
 
 from __future__ import annotations
 

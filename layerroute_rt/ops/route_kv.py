@@ -1,7 +1,5 @@
 """route_kv, the first block stage: the router's decision per row, the row list of the rows that
-run, and the K/V of the rows that skip (a skipped row still writes its cache) (docs/DESIGN.md section 4). It reads its row list (index int32 [M]) and count (int32 [1]) from
-device memory; the reference reads the count on the host and, for a list of every row in
-order, reads and writes whole tensors (_listed_rows). Inference only."""
+run, and the K/V of the rows that skip (a skipped row still writes its cache) (row lists: the package docstring). Inference only."""
 
 from __future__ import annotations
 
