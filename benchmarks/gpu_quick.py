@@ -8,7 +8,7 @@ Stages, in order of value (their time budgets are gpu_checks.sh's):
                 no cache) on the bundled demo model (fp32) and on a random model of
                 Qwen2.5-0.5B's shape (bf16): equal tokens, and where they first differ;
   graph         the engine's decode path (the ladder: IF-node graph, early-exit graph, eager;
-                scheduler.decode_path) and the KERNEL nodes of the captured decode step per
+                decode_runner.decode_path) and the KERNEL nodes of the captured decode step per
                 running block and per router-skipped block (from the graph's DOT dump);
   dense         batch-1 dense decode ms/token on the 0.5B shape against the weight-read floor
                 (the bytes a step reads / the measured copy bandwidth);
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import layerroute_rt as lr  # noqa: E402
-from layerroute_rt.runtime import scheduler as sched_mod  # noqa: E402
+from layerroute_rt.runtime import decode_runner  # noqa: E402
 
 STAGES = ("equality", "graph", "dense", "skip", "transformers")    # budgets: gpu_checks.sh
 NEW_TOKENS = 32
@@ -101,7 +101,7 @@ def stage_equality(smoke: bool) -> dict:
 
 def _kernel_nodes(engine, tau: float, skip) -> tuple[int, str | None]:
     """KERNEL nodes of the decode step captured at batch 1 for (tau, skip), and its branch mode."""
-    run = sched_mod._Runner(engine, 1, 64, tau, engine.skip_set(skip), use_graph=True)
+    run = decode_runner._Runner(engine, 1, 64, tau, engine.skip_set(skip), use_graph=True)
     ids = torch.tensor([[5, 9, 200, 3]], device=engine.device)
     engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), run.cache, tau, run.skip)
     st = run.state
@@ -121,7 +121,7 @@ def stage_graph(smoke: bool) -> dict:
         return {"skipped": "no CUDA device"}
     model = _shape_model(smoke, torch.bfloat16)
     engine = _engine(model)
-    path = sched_mod.decode_path(engine)
+    path = decode_runner.decode_path(engine)
     L = model.config.num_hidden_layers
     dense, mode_dense = _kernel_nodes(engine, 0.0, None)
     fixed, _ = _kernel_nodes(engine, 0.0, list(range(L)))

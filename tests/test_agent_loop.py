@@ -123,7 +123,7 @@ def test_prefix_cache_hits_equal_uncached_runs(routed, kv_policy, merge):
 def test_prefill_after_restored_prefixes_equals_full_prefill(routed, kv_policy):
     """The logits and decisions of a prefill after cached prefixes of unequal lengths (a batch
     of two, each left-padded apart) equal those of prefilling the whole prompts."""
-    from layerroute_rt.runtime.scheduler import (
+    from layerroute_rt.runtime.decode_runner import (
         left_pad as _batch,
         plan_reuse as _plan_reuse,
         restore as _restore,

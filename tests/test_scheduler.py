@@ -358,7 +358,7 @@ def test_logprobs_are_the_raw_logits_log_softmax(engine, prompts):
     assert banned not in masked.tokens
 
 
-# -- the decode path ladder (scheduler.decode_path) ----------------------------------------------
+# -- the decode path ladder (decode_runner.decode_path) ------------------------------------------
 
 class _FakeGraph:
     """Stands in for a captured CUDA graph on the CPU: replay runs the step eagerly, or with a
@@ -377,8 +377,8 @@ def _ladder_engine(monkeypatch, fail: dict):
     """A fresh demo engine on which graphs 'exist' (graphs_possible, IF nodes available), and
     whose capture fails as `fail` says per level: "raise", "wrong" (other tokens) or None."""
     from layerroute_rt.runtime import engine as engine_mod
-    from layerroute_rt.runtime import scheduler as sched_mod
-    monkeypatch.setattr(sched_mod, "graphs_possible", lambda device: True)
+    from layerroute_rt.runtime import decode_runner
+    monkeypatch.setattr(decode_runner, "graphs_possible", lambda device: True)
     monkeypatch.setattr(engine_mod, "conditional_nodes_unavailable",
                         lambda device=None: "no IF nodes (test)" if fail.get("conditional_node") == "absent" else None)
 
@@ -390,7 +390,7 @@ def _ladder_engine(monkeypatch, fail: dict):
         self.graphs[self.state.active is not None] = graph
         return graph
 
-    monkeypatch.setattr(sched_mod._Runner, "_capture", capture)
+    monkeypatch.setattr(decode_runner._Runner, "_capture", capture)
     eng = lr.InferenceModel(lr.load(DEMO_DIR, adapter=DEMO_DIR / "adapter"))
     eng.host_counts = False
     return eng
@@ -403,7 +403,7 @@ def _ladder_engine(monkeypatch, fail: dict):
     ({"conditional_node": "wrong", "early_exit": "raise"}, "eager"),
 ])
 def test_decode_path_ladder_takes_the_first_level_that_decodes_like_eager(monkeypatch, prompts, fail, chosen):
-    from layerroute_rt.runtime.scheduler import decode_path
+    from layerroute_rt.runtime.decode_runner import decode_path
     eng = _ladder_engine(monkeypatch, fail)
     with pytest.warns(UserWarning, match="decode path") if fail else contextlib.nullcontext():
         decode_path(eng)

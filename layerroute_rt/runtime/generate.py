@@ -26,9 +26,9 @@ from .engine import InferenceModel
 from ..model.flops import flops_report
 from ..model.modeling import LayerRouteModel, LoRALinear
 from .sampling import TextDeltas, checkpoint_tokenizer, load_tokenizer, sample, _no_tokenizer  # noqa: F401
-from .scheduler import (DECODE_OPS, MIN_BUCKET, Request, Scheduler, cache_bucket, check_batch_q,  # noqa: F401
-                        decode_router_blocks, generated_flops, graphs_possible, left_pad, plan_reuse,
-                        prefix_key, restore)
+from .decode_runner import (DECODE_OPS, MIN_BUCKET, cache_bucket, check_batch_q, decode_router_blocks,  # noqa: F401
+                            generated_flops, graphs_possible, left_pad, plan_reuse, prefix_key, restore)
+from .scheduler import Request, Scheduler
 from .toolcalls import parse_tool_calls
 
 
@@ -273,7 +273,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     ("conditional_node": a CUDA-graph IF node; "early_exit": its kernels ran and exited at
     count 0, where IF nodes are not available or without a graph; "host_predicate": the
     predicate read on the host, on the CPU; None without a decode step), decode_path: the
-    engine's decode path and the ladder it was chosen by (scheduler.decode_path),
+    engine's decode path and the ladder it was chosen by (decode_runner.decode_path),
     decode_blocks_no_row_ran_pct: over the decode steps, the % of (step, block outside
     skip_layers) pairs that no row still generating ran (the blocks whose weights a batched step need not read; None
     without a decode step).

@@ -36,27 +36,26 @@ What holds:
   included); a fault while generating is a 500 body for the requests it touched, and the
   worker goes on. Without `api_key`, no key is checked; with one, /v1/* needs
   `Authorization: Bearer KEY` (401 otherwise).
+
+This module holds the app, its routes, the worker thread over the scheduler and the request
+handling over it (Server); the OpenAI wire format (request models and their 400s, the guard in
+front of the app, message and tool rendering, response and chunk bodies) is layerroute_rt.serve.protocol.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import copy
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.engine import InferenceModel
@@ -65,6 +64,9 @@ from ..runtime.generate import _eos_ids, encode_prompts, load_tokenizer
 from ..runtime.scheduler import Request as SequenceRequest
 from ..runtime.scheduler import Scheduler
 from ..runtime.toolcalls import ToolCallStream
+from .protocol import CHARS_PER_TOKEN_MAX, SEED_MAX, APIError, ChatCompletionRequest, CompletionRequest, Guard, \
+    StreamChunks, TokenText, call_id, chat_completion, printable, request_tools, template_messages, \
+    text_completion, usage, validation_error
 
 log = logging.getLogger("layerroute.serve")
 
@@ -75,241 +77,6 @@ MAX_N = 8                      # choices per request (n), each a row of the batc
 MAX_BODY_BYTES = 1 << 20       # request bodies past this are refused (413)
 BODY_TIMEOUT_S = 10.0          # a body chunk not received within this is a 408
 KEEP_ALIVE_S = 5.0             # an idle connection is closed after this
-CHARS_PER_TOKEN_MAX = 16       # a prompt of more characters than this x the context cannot fit
-SEED_MAX = (1 << 63) - 1
-
-
-# -- errors ----------------------------------------------------------------------------------------
-
-class APIError(Exception):
-    """An error answered with an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _param(loc) -> str | None:
-    """A pydantic error location as a field path: ("body", "messages", 0, "role") -> messages[0].role."""
-    path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    return path or None
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    err = exc.errors()[0]
-    if err["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
-                        code="invalid_json")
-    param = _param(err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        msg = "required field missing"
-    return APIError(400, f"{param or 'body'}: {msg}", param=param, code="invalid_value")
-
-
-# -- the protocol ----------------------------------------------------------------------------------
-
-def _positive():
-    return Field(default=None, ge=1, strict=True)
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = Field(description="a JSON object, as a string")
-
-
-class ToolCall(BaseModel):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v):
-        """A string, or a list of text parts (joined), or None."""
-        if v is None or isinstance(v, str):
-            return v
-        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in v):
-            return "".join(p["text"] for p in v)
-        raise ValueError("must be a string or a list of {'type': 'text', 'text': str} parts "
-                         "(only text content is supported)")
-
-
-class FunctionDef(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-def _stops(v):
-    """stop: a string or up to 4 of them (non-empty), as a list, or None."""
-    stops = [v] if isinstance(v, str) else v
-    if stops is None:
-        return None
-    if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or \
-            not all(isinstance(s, str) and s for s in stops):
-        raise ValueError("must be a non-empty string or a list of 1 to 4 non-empty strings")
-    return stops
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _SamplingRequest(BaseModel):
-    """The fields chat and completions requests share."""
-    model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
-    stop: Any = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, strict=True)
-    response_format: dict | None = None
-    ignore_eos: bool = False          # extension (as vLLM's): generate up to max_tokens
-
-    _stop = field_validator("stop")(classmethod(lambda cls, v: _stops(v)))
-
-
-class ChatCompletionRequest(_SamplingRequest):
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = None
-    tool_choice: Any = None
-    max_tokens: int | None = _positive()
-    max_completion_tokens: int | None = _positive()
-    logprobs: bool = Field(default=False, strict=True)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
-    parallel_tool_calls: bool = Field(default=True, strict=True)
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, v):
-        """"none", "auto", "required", {"type": "function", "function": {"name": str}} (kept as
-        the name), or None."""
-        if v is None or v in ("none", "auto", "required"):
-            return v
-        if isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict) \
-                and isinstance(v["function"].get("name"), str):
-            return v["function"]["name"]
-        raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
-
-
-class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions: a prompt as text or token ids (or a list of either), no template."""
-    prompt: Any
-    max_tokens: int | None = Field(default=16, ge=1, strict=True)
-    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        """A string, a list of strings, a list of token ids or a list of them: as a list of
-        strings or a list of id lists (non-empty)."""
-        def ids(p):
-            return isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-        if isinstance(v, str):
-            v = [v]
-        elif ids(v):
-            v = [v]
-        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(ids(p) for p in v)):
-            if any(p == "" for p in v):
-                raise ValueError("must not be empty")
-            return v
-        raise ValueError("must be a non-empty string, a list of strings, a list of token ids, or a list "
-                         "of token-id lists")
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v, info):
-        if v is not None and v != info.data.get("n", 1):
-            raise ValueError("best_of other than n is not supported")
-        return v
-
-
-def _template_messages(req: ChatCompletionRequest) -> list[dict]:
-    """The messages as the chat template takes them: tool-call arguments decoded to objects,
-    'developer' as 'system', content required except on an assistant turn with tool calls."""
-    out = []
-    for i, m in enumerate(req.messages):
-        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-        if m.tool_calls:
-            if m.role != "assistant":
-                raise APIError(400, f"messages[{i}].tool_calls: only assistant messages have tool calls",
-                               param=f"messages[{i}].tool_calls", code="invalid_value")
-            calls = []
-            for j, c in enumerate(m.tool_calls):
-                try:
-                    args = json.loads(c.function.arguments)
-                except json.JSONDecodeError as e:
-                    args = e
-                if not isinstance(args, dict):
-                    p = f"messages[{i}].tool_calls[{j}].function.arguments"
-                    raise APIError(400, f"{p}: must be a JSON object as a string", param=p, code="invalid_value")
-                calls.append({"id": c.id, "type": "function",
-                              "function": {"name": c.function.name, "arguments": args}})
-            msg["tool_calls"] = calls
-            msg["content"] = m.content or ""
-        elif m.content is None:
-            raise APIError(400, f"messages[{i}].content: required for a {m.role} message",
-                           param=f"messages[{i}].content", code="invalid_value")
-        if m.role == "tool" and m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
-        if m.name is not None:
-            msg["name"] = m.name
-        out.append(msg)
-    return out
-
-
-def _tools(req: ChatCompletionRequest) -> list[dict] | None:
-    """The tools the template renders, after tool_choice."""
-    if req.tool_choice is not None and not req.tools:
-        raise APIError(400, "tool_choice: given without tools", param="tool_choice", code="invalid_value")
-    if not req.tools or req.tool_choice == "none":
-        return None
-    tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    if req.tool_choice in (None, "auto", "required"):
-        return tools
-    named = [t for t in tools if t["function"]["name"] == req.tool_choice]
-    if not named:
-        raise APIError(400, f"tool_choice: no tool named {req.tool_choice!r} in tools",
-                       param="tool_choice", code="invalid_value")
-    return named
 
 
 # -- jobs and the worker ---------------------------------------------------------------------------
@@ -470,73 +237,9 @@ class Worker:
 
 # -- the app ---------------------------------------------------------------------------------------
 
-def _printable(e: Exception) -> str:
-    """An exception's message with characters JSON cannot carry (lone surrogates) escaped."""
-    return str(e).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _completion_id(prefix: str = "chatcmpl-") -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def _call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
-class _Tokens:
-    """A token's text and UTF-8 bytes, as logprobs report them (cached per id)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-        try:
-            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-            self._bytes = {c: b for b, c in bytes_to_unicode().items()}   # byte-level BPE
-        except ImportError:
-            self._bytes = {}
-
-    def __call__(self, token: int) -> tuple[str, list[int]]:
-        if token not in self._cache:
-            piece = self.tok.convert_ids_to_tokens(token)
-            text = self.tok.decode([token])
-            if isinstance(piece, str) and piece and all(c in self._bytes for c in piece):
-                raw = [self._bytes[c] for c in piece]
-            else:
-                raw = list(text.encode("utf-8"))
-            self._cache[token] = (text, raw)
-        return self._cache[token]
-
-    def chat(self, entries) -> dict:
-        """Chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-        def one(t, lp):
-            text, raw = self(t)
-            return {"token": text, "logprob": lp, "bytes": raw}
-        return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]}
-                            for t, (lp, top) in entries]}
-
-    def completion(self, entries, offset: int = 0) -> dict:
-        """Completions logprobs: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset."""
-        tokens, lps, tops, offsets = [], [], [], []
-        for t, (lp, top) in entries:
-            text = self(t)[0]
-            tokens.append(text)
-            lps.append(lp)
-            tops.append({self(a)[0]: alp for a, alp in top})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _usage(prompts: list[list[int]], results: list[dict]) -> dict:
-    """Each prompt counted once (n choices share it), every choice's completion tokens."""
-    prompt = sum(len(p) for p in prompts)
-    completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r["cached_tokens"] for r in results[::len(results) // len(prompts)])}}
-
-
 class Server:
-    """Request handling over the Worker: validation, tokenization, responses."""
+    """Request handling over the Worker: checks against the engine (model, n, context), tokenization,
+    the jobs, their results."""
 
     def __init__(self, engine: InferenceModel, model_name: str, worker: Worker, default_max_tokens: int,
                  max_n: int = MAX_N):
@@ -545,7 +248,7 @@ class Server:
         self.tok = load_tokenizer(engine)
         if self.tok is None:
             raise ValueError("serve: the model has no tokenizer (tokenizer.json); chat needs one")
-        self.tokens = _Tokens(self.tok)
+        self.tokens = TokenText(self.tok)
         self.eos = frozenset(_eos_ids(engine, "auto") | ({self.tok.eos_token_id} - {None}))
         self._local = threading.local()
         self.created = int(time.time())
@@ -585,7 +288,7 @@ class Server:
             field_name = "response_format" if text.startswith("response_format") else \
                 "tool_choice" if text.startswith("tool_choice") else "tools" if text.startswith("tools") else \
                 "parallel_tool_calls" if text.startswith("parallel_tool_calls") else "ignore_eos"
-            raise APIError(400, _printable(e), param=field_name, code="invalid_value") from e
+            raise APIError(400, printable(e), param=field_name, code="invalid_value") from e
 
     def _check(self, req) -> None:
         """What chat and completions requests share: the model, n, stream_options."""
@@ -625,7 +328,7 @@ class Server:
                     prompt=prompt, max_tokens=cap, temperature=temperature,
                     top_p=None if req.top_p in (None, 1.0) else req.top_p, seed=seed, stop=req.stop or [],
                     eos=frozenset() if req.ignore_eos else self.eos, stream=req.stream, loop=loop,
-                    events=events, index=len(jobs), tool_stream=ToolCallStream(_call_id) if tools else None,
+                    events=events, index=len(jobs), tool_stream=ToolCallStream(call_id) if tools else None,
                     logits_processor=None if compiled is None else grammar.GrammarProcessor(compiled),
                     logprobs=logprobs))
         return jobs
@@ -636,18 +339,18 @@ class Server:
         self._check(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs true", param="top_logprobs", code="invalid_value")
-        tools = _tools(req)
-        messages = _template_messages(req)
+        tools = request_tools(req)
+        messages = template_messages(req)
         for i, m in enumerate(messages):
             try:
                 json.dumps(m, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError as e:
-                raise APIError(400, f"messages[{i}]: not valid Unicode text ({_printable(e)})",
+                raise APIError(400, f"messages[{i}]: not valid Unicode text ({printable(e)})",
                                param=f"messages[{i}]", code="invalid_value") from e
         try:
             json.dumps(tools, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:
-            raise APIError(400, f"tools: not valid Unicode text ({_printable(e)})", param="tools",
+            raise APIError(400, f"tools: not valid Unicode text ({printable(e)})", param="tools",
                            code="invalid_value") from e
         limit = self.engine.max_cache_len
         chars = sum(len(m["content"] or "") for m in messages) + len(json.dumps(tools or []))
@@ -657,7 +360,7 @@ class Server:
         try:
             prompt = await run_in_threadpool(self._encode, messages, tools)
         except (ValueError, UnicodeError) as e:
-            raise APIError(400, f"messages: {_printable(e)}", param="messages", code="invalid_value") from e
+            raise APIError(400, f"messages: {printable(e)}", param="messages", code="invalid_value") from e
         asked = req.max_completion_tokens or req.max_tokens
         cap = self._fit(prompt, asked, "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
                         "messages")
@@ -680,7 +383,7 @@ class Server:
             try:
                 prompts = await run_in_threadpool(self._encode_text, prompts)
             except (ValueError, UnicodeError) as e:
-                raise APIError(400, f"prompt: {_printable(e)}", param="prompt", code="invalid_value") from e
+                raise APIError(400, f"prompt: {printable(e)}", param="prompt", code="invalid_value") from e
         vocab = self.engine.config.vocab_size
         for i, p in enumerate(prompts):
             bad = [t for t in p if not 0 <= t < vocab]
@@ -714,55 +417,12 @@ class Server:
                 job.cancel()                 # harmless once done
         return [out[i] for i in range(len(jobs))]
 
-    def _chat_message(self, result: dict) -> dict:
-        if result["tool_calls"]:
-            return {"role": "assistant", "content": result["content"], "tool_calls": result["tool_calls"]}
-        return {"role": "assistant", "content": result["content"]}
-
-    def chat_response(self, prompts, results: list[dict]) -> JSONResponse:
-        return JSONResponse({
-            "id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": i, "message": self._chat_message(r),
-                         "logprobs": None if r["logprobs"] is None else self.tokens.chat(r["logprobs"]),
-                         "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
-            "usage": _usage(prompts, results), "layerroute": results[0]["layerroute"] if len(results) == 1
-            else [r["layerroute"] for r in results]})
-
-    def completion_response(self, req, prompts, results: list[dict]) -> JSONResponse:
-        choices = []
-        for i, r in enumerate(results):
-            head = self.tok.decode(prompts[i // req.n]) if req.echo else ""
-            choices.append({"index": i, "text": head + r["text"], "finish_reason": r["finish_reason"],
-                            "logprobs": None if r["logprobs"] is None else
-                            self.tokens.completion(r["logprobs"])})
-        return JSONResponse({
-            "id": _completion_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
-            "model": self.model_name, "choices": choices, "usage": _usage(prompts, results),
-            "layerroute": [r["layerroute"] for r in results]})
-
     async def stream(self, jobs: list[Job], req, prompts, chat: bool):
         """Server-sent events. Chat: a role chunk per choice, content or tool-call deltas, a
         final chunk per choice with finish_reason; completions: text chunks. Then a usage chunk
         if stream_options.include_usage, then [DONE]. The client going away (the generator
         closed or cancelled) cancels the jobs."""
-        cid, created = _completion_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
-        kind_name = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(index: int | None, delta: dict | None = None, finish=None, logprobs=None, **extra) -> str:
-            choices = []
-            if index is not None:
-                if chat:
-                    lp = None if not logprobs else self.tokens.chat(logprobs)
-                    choices = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]
-                else:
-                    lp = None if not logprobs else self.tokens.completion(logprobs)
-                    choices = [{"index": index, "text": (delta or {}).get("content", ""), "logprobs": lp,
-                                "finish_reason": finish}]
-            body = {"id": cid, "object": kind_name, "created": created, "model": self.model_name,
-                    "choices": choices, **extra}
-            return f"data: {json.dumps(body)}\n\n"
-
+        chunk = StreamChunks(self.model_name, self.tokens, chat)
         events, results = jobs[0].events, {}
         try:
             for job in jobs:
@@ -783,7 +443,7 @@ class Server:
                 yield chunk(index, {}, value["finish_reason"], layerroute=value["layerroute"])
             else:
                 if req.stream_options and req.stream_options.include_usage:
-                    yield chunk(None, usage=_usage(prompts, [results[i] for i in range(len(jobs))]))
+                    yield chunk(None, usage=usage(prompts, [results[i] for i in range(len(jobs))]))
             yield "data: [DONE]\n\n"
         finally:
             for job in jobs:
@@ -793,78 +453,6 @@ class Server:
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class _Guard:
-    """ASGI middleware in front of the app, before any body is read: the API key of /v1/*
-    (401 with WWW-Authenticate), the body limit (413: at once from Content-Length, or when the
-    bytes received pass it) and the body-read timeout (408: no body chunk for body_timeout_s)."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
-        self.app, self.api_key = app, api_key
-        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
-
-    async def _reply(self, send, error: APIError, headers=()) -> None:
-        body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *headers]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return await self._reply(send, APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                                        code="invalid_api_key", type_="authentication_error"),
-                                         [(b"www-authenticate", b'Bearer realm="layerroute"')])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await self._reply(send, APIError(400, "Content-Length: not a number", code="invalid_request"))
-            if int(length) > self.max_body_bytes:
-                return await self._reply(send, APIError(
-                    413, f"the request body has {int(length)} bytes; this server takes at most "
-                         f"{self.max_body_bytes} (--max-body-bytes)", code="request_too_large"))
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        body, error = await self._read_body(receive)
-        if error is not None:
-            return await self._reply(send, error)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()         # after the body: the disconnect
-
-        await self.app(scope, replay, send)
-
-    async def _read_body(self, receive) -> tuple[bytes, APIError | None]:
-        """The whole body, within the limit and the per-chunk timeout, or the error to answer."""
-        parts, received = [], 0
-        limit, timeout = self.max_body_bytes, self.body_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), timeout)
-            except asyncio.TimeoutError:
-                return b"", APIError(408, f"the request body was not received within {timeout:g} s",
-                                     code="request_timeout")
-            if message["type"] != "http.request":          # the client went away
-                return b"", APIError(400, "the client closed the connection", code="invalid_request")
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > limit:
-                return b"", APIError(413, f"the request body passed {limit} bytes; this server takes at "
-                                          f"most {limit} (--max-body-bytes)", code="request_too_large")
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts), None
 
 
 def create_app(engine: InferenceModel, model_name: str, api_key: str | None = None,
@@ -890,7 +478,7 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
     app = FastAPI(title="layerroute_rt", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if openapi else None)
     app.state.worker = worker
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -898,7 +486,7 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
@@ -942,8 +530,8 @@ def create_app(engine: InferenceModel, model_name: str, api_key: str | None = No
         results = await server.results(jobs, request)
         if isinstance(results, JSONResponse):
             return results
-        return server.chat_response(prompts, results) if chat else \
-            server.completion_response(req, prompts, results)
+        return JSONResponse(chat_completion(model_name, server.tokens, prompts, results) if chat else
+                            text_completion(model_name, server.tokens, req, prompts, results))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
