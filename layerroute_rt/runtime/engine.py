@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..model import checkpoint
 from .. import ops
