@@ -14,6 +14,7 @@ into the repository):
             length-matched split (layerroute_rt.eval.evaluate)
   valtau    BFCL accuracy and FLOPs skipped at several tau on training-split cases the adapter
             never saw: tau chosen without the held-out cases
+  recount   a heldout JSON written before prefill charged the lm_head once: its prompt FLOPs again
   valueskip the skip rate on a call's JSON-value tokens against the rest, teacher-forced on the
             frozen base's answers to the held-out eval cases
 
@@ -439,6 +440,35 @@ def stage_heldout(args) -> None:
     print(json.dumps(report["summary"]["all"], indent=1))
 
 
+def stage_recount(args) -> None:
+    """A heldout JSON (--out) whose prompt FLOPs charged the lm_head on every prompt token (before
+    flops_report's `head`): each record's prompt total becomes its block FLOPs plus the one lm_head
+    row that prefill computes, then the per-setting figures and the paired summary are computed
+    again from the records. Block FLOPs are untouched, so a rerun changes nothing."""
+    cfg = json.loads((real_model.fetch_model() / "config.json").read_text(encoding="utf-8"))
+    head = 2.0 * cfg["hidden_size"] * cfg["vocab_size"]
+    from layerroute_rt.model.flops import FlopsReport
+    report = json.loads(args.out.read_text(encoding="utf-8"))
+    for by_cat in report["runs"].values():
+        for run in by_cat.values():
+            for r in run["cases"]:
+                f = r["flops"]["prompt"]
+                f["total"], f["total_run"] = f["block"] + head, f["block_run"] + head
+                r["prompt_total_flops_skipped_pct"] = FlopsReport(*(f[k] for k in ("block", "block_run", "total", "total_run"))).total_skipped_pct
+            groups = [(run["all"], run["cases"])] + [(fig, [r for r in run["cases"] if r["category"] == c])
+                                                      for c, fig in run["categories"].items()]
+            for fig, recs in groups:
+                sums = {part: [sum(r["flops"][part][k] for r in recs) for k in ("block", "block_run", "total", "total_run")]
+                        for part in ("prompt", "generated")}
+                fig["prompt_total_flops_skipped_pct"] = FlopsReport(*sums["prompt"]).total_skipped_pct
+                fig["request_total_flops_skipped_pct"] = FlopsReport(*(a + b for a, b in zip(*sums.values()))).total_skipped_pct
+    report["summary"] = paired_summary(report)
+    report["recount"] = ("python scripts/real_model_experiment.py recount --out FILE: prompt FLOPs with the lm_head "
+                         "on each prompt's last token only (prefill computes no other logits)")
+    checkpoint.atomic_write_json(args.out, report)
+    print(json.dumps(report["summary"].get("all") or report["summary"], indent=1)[:2000])
+
+
 def stage_valueskip(args) -> None:
     """Where the routers skip: the skip rate at the positions that predict a JSON-value token of
     a call (its argument values, toolcalls.json_value_spans) against the rest, teacher-forced on the frozen base's own
@@ -563,8 +593,10 @@ def stage_screen(args) -> None:
                 agree += int((pred == ids[0, P:]).sum())
                 total += len(answer)
                 positions = torch.arange(1, T + 1)[None]
+                head = positions >= P                    # logits: the prompt's last token, then each answer token
                 for part, sl in (("prompt", slice(0, P)), ("answer", slice(P, T)), ("request", slice(0, T))):
-                    r = flops_report(model.config, model.lr_config, executed[:, :, sl], positions[:, sl])
+                    r = flops_report(model.config, model.lr_config, executed[:, :, sl], positions[:, sl],
+                                     head=head[:, sl])
                     for i, v in enumerate((r.block_flops, r.block_flops_run, r.total_flops, r.total_flops_run)):
                         sums[part][i] += v
         row = {"adapter": str(adapter), "tau": tau, "agreement": agree / total, "answer_tokens": total,
@@ -650,7 +682,7 @@ def stage_reqtime(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau",
+    p.add_argument("stage", choices=("planning", "selfcalls", "train", "finalize", "stepeval", "valtau", "recount",
                                       "valueskip", "heldout", "reqtime", "screen"))
     p.add_argument("--work", type=Path, default=real_model.cache_dir() / "runs" / "real")
     p.add_argument("--run", default="a")
@@ -717,7 +749,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     {"planning": stage_planning, "selfcalls": stage_selfcalls, "train": stage_train, "finalize": stage_finalize,
      "stepeval": stage_stepeval, "valtau": stage_valtau, "valueskip": stage_valueskip,
-     "heldout": stage_heldout, "reqtime": stage_reqtime, "screen": stage_screen}[args.stage](args)
+     "heldout": stage_heldout, "reqtime": stage_reqtime, "screen": stage_screen,
+     "recount": stage_recount}[args.stage](args)
     return 0
 
 

@@ -66,6 +66,29 @@ def test_router_blocks_charges_only_the_routers_that_ran():
     assert every.block_flops_run - one.block_flops_run == one.block_flops_run - none.block_flops_run == 2 * 8 * 3
 
 
+
+def test_head_counts_only_the_tokens_whose_logits_are_computed():
+    """Prefill computes the lm_head on each prompt's last token only; a decode step on each token
+    it feeds. Hand count: 2 rows, one left-padded, 3 columns."""
+    executed = torch.ones(2, 2, 3, dtype=torch.bool)
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    context = valid.long().cumsum(1)
+    last = lr.model.flops.last_tokens(valid)
+    assert last.tolist() == [[False, False, True], [False, False, True]]
+    every = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, valid)
+    prefill = lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, valid, head=last)
+    block = 2 * (2 * WEIGHTS * 5 + 4 * 8 * (1 + 2 + 3 + 1 + 2))
+    assert prefill.block_flops == every.block_flops == block
+    assert every.total_flops == block + 2 * 8 * 100 * 5
+    assert prefill.total_flops == block + 2 * 8 * 100 * 2
+    assert prefill.total_flops_run - prefill.block_flops_run == 2 * 8 * 100 * 2
+    # a head outside the valid tokens costs nothing; a row with no valid token has no last token
+    assert lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, valid,
+                           head=torch.ones(2, 3, dtype=torch.bool)).total_flops == every.total_flops
+    assert not lr.model.flops.last_tokens(torch.zeros(1, 4, dtype=torch.bool)).any()
+    assert lr.model.flops.last_tokens(torch.tensor([[True, True, False]])).tolist() == [[False, True, False]]
+
+
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0)
 

@@ -40,6 +40,25 @@ def test_skip_layers_give_the_exact_value(tiny):
     assert s["block_flops_skipped_pct"] != s["generated_block_flops_skipped_pct"]
 
 
+def test_whole_request_by_hand(tiny):
+    """The whole request (prompt and generated tokens): every token's blocks, the routers on each
+    block for each token (charged at prefill and decode alike), and the lm_head once per prompt
+    (its last token) plus once per fed token, not once per prompt token."""
+    model = lr.load(tiny[0])
+    cfg = model.config
+    out = lr.generate(lr.InferenceModel(model), PROMPTS, max_new_tokens=5, tau=0.0, skip_layers=[1],
+                      eos_token_id=None)
+    w = sum(o * i for o, i in cfg.linear_shapes().values())
+    kv = 2 * 2 * cfg.hidden_size * cfg.kv_dim
+    L = cfg.num_hidden_layers
+    contexts = [c for p in PROMPTS for c in range(1, len(p) + 5)]     # prompt, then the 4 fed tokens
+    dense = sum(L * (2 * w + 4 * cfg.q_dim * c) for c in contexts)
+    ran = dense - sum(2 * w + 4 * cfg.q_dim * c - kv for c in contexts) + 2 * cfg.hidden_size * L * len(contexts)
+    head = 2 * cfg.hidden_size * cfg.vocab_size * (len(PROMPTS) + len(PROMPTS) * 4)
+    assert abs(out.stats["block_flops_skipped_pct"] - 100 * (1 - ran / dense)) < 1e-9
+    assert abs(out.stats["total_flops_skipped_pct"] - 100 * (1 - (ran + head) / (dense + head))) < 1e-9
+
+
 def test_dense_at_tau_0_skips_nothing_on_generated_tokens(tiny):
     out = lr.generate(lr.load(tiny[0]), PROMPTS, max_new_tokens=4, tau=0.0, eos_token_id=None)
     assert out.stats["generated_block_flops_skipped_pct"] == 0.0
@@ -58,7 +77,7 @@ def test_with_routers_between_the_prompt_and_the_overall_value(tiny):
     prompt_only = out.valid.clone()
     prompt_only[:, T:] = False
     prompt = lr.flops_report(model.config, model.lr_config, out.executed, out.valid.long().cumsum(1),
-                             prompt_only)
+                             prompt_only, head=lr.model.flops.last_tokens(prompt_only))
     s = out.stats
     for kind, prompt_pct in (("block", prompt.block_skipped_pct), ("total", prompt.total_skipped_pct)):
         gen, overall = s[f"generated_{kind}_flops_skipped_pct"], s[f"{kind}_flops_skipped_pct"]

@@ -39,7 +39,7 @@ import torch
 
 from ..data.bfcl import CATEGORIES, NO_CALL_CATEGORIES, BfclCase
 from ..runtime.engine import InferenceModel
-from ..model.flops import FlopsReport, flops_report
+from ..model.flops import FlopsReport, flops_report, last_tokens
 from ..runtime import grammar
 from ..runtime.generate import (
     _eos_ids,
@@ -316,10 +316,10 @@ def _check_args(cases, settings, max_new_tokens, batch_size, tau):
 
 def prompt_flops(engine, executed: torch.Tensor, valid: torch.Tensor, width: int) -> FlopsReport:
     """FLOPs of prefill over a GenerateOutput's prompt columns [:width] (routers charged on every
-    block: prefill runs them at any tau)."""
+    block: prefill runs them at any tau; the lm_head on each prompt's last token only)."""
     valid = valid[:, :width]
     return flops_report(engine.config, engine.lr_config, executed[:, :, :width],
-                        valid.long().cumsum(1), valid)
+                        valid.long().cumsum(1), valid, head=last_tokens(valid))
 
 
 def _flops_dict(report: FlopsReport) -> dict:

@@ -4,7 +4,9 @@ Matmul FLOPs per token per block = 2 x (block weight count) + attention 4 x cont
 (QK^T and AV). A token that skips a block saves all of it except, under kv_policy "compute",
 its k/v projections (2 x 2 x hidden x kv_dim), and it always pays its router (2 x hidden; under
 `sequence` granularity the router runs once per sequence and block instead).
-Total forward FLOPs add the lm_head (2 x hidden x vocab per token). LoRA is counted merged into
+Total forward FLOPs add the lm_head (2 x hidden x vocab) for each token whose logits are computed:
+every token of a teacher-forced forward, but one per sequence at prefill (its last prompt token)
+and one per token a decode step feeds (`head`, with `last_tokens` for prefill). LoRA is counted merged into
 the frozen weights (as the inference path runs it), so it adds no FLOPs here.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ class FlopsReport:
 
 def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch.Tensor,
                  context: torch.Tensor, valid: torch.Tensor | None = None,
-                 router_blocks: int | None = None) -> FlopsReport:
+                 router_blocks: int | None = None, head: torch.Tensor | None = None) -> FlopsReport:
     """FLOPs of a forward pass given its decisions.
 
     executed [L, B, T] bool: token (b, t) ran block l. context [B, T]: how many keys the token
@@ -63,6 +65,8 @@ def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch
     context, an upper bound on what a skipped token would have cost). valid [B, T]: real tokens
     (padding costs nothing); default all. router_blocks: how many blocks ran their router
     (default all; a decode step at tau 0 runs none, and none for a block in skip_layers).
+    head [B, T] bool: the tokens whose logits the lm_head computes (default every valid token, as
+    in a teacher-forced forward; prefill computes one per sequence: `last_tokens(valid)`).
     """
     shapes = backbone.linear_shapes()
     d = backbone.hidden_size
@@ -85,6 +89,17 @@ def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch
     block_run = 2.0 * weights * ran_tokens + 4.0 * backbone.q_dim * ran_ctx + router
     if lr.kv_policy == "compute":
         block_run += kv_proj * skipped_tokens
-    head = 2.0 * d * backbone.vocab_size * n_tokens
+    head_tokens = n_tokens if head is None else float((head.bool() & valid).sum())
+    head = 2.0 * d * backbone.vocab_size * head_tokens
     block_dense = per_block_dense * layers
     return FlopsReport(block_dense, block_run, block_dense + head, block_run + head)
+
+
+def last_tokens(valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: each row's last valid token (the one whose logits prefill computes); a row
+    with no valid token has none."""
+    valid = valid.bool()
+    last = valid.shape[1] - 1 - valid.flip(1).long().argmax(1)
+    out = torch.zeros_like(valid)
+    out[torch.arange(valid.shape[0]), last] = True
+    return out & valid

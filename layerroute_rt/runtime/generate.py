@@ -390,7 +390,9 @@ def _output(engine, prompts, requests: list[Request], sched_stats: dict, tok,
         executed[:, b, T:T + fed[b]] = r.executed[:, len(p):]
         valid[b, T - len(p):T + fed[b]] = True
     cfg, lr = engine.config, engine.lr_config
-    report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid)
+    head = valid.clone()
+    head[:, :T - 1] = False                   # logits: each prompt's last token (column T - 1), then each fed one
+    report = flops_report(cfg, lr, executed, valid.long().cumsum(1), valid, head=head)
     n_real = valid.sum().clamp(min=1)
     generated = generated_flops(engine, executed, valid, T, router_blocks)
     decode_s = sched_stats["decode_s"]

@@ -611,7 +611,9 @@ class Scheduler:
         executed = executed[:, None]                                  # [L, 1, prompt + steps]
         n_prompt = len(r.prompt)
         valid = torch.ones(1, executed.shape[2], dtype=torch.bool)
-        report = flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), valid)
+        head = valid.clone()
+        head[:, :n_prompt - 1] = False                # logits: the prompt's last token, then each fed one
+        report = flops_report(engine.config, engine.lr_config, executed, valid.long().cumsum(1), valid, head=head)
         generated = generated_flops(engine, executed, valid, n_prompt, self.router_blocks) if seq.steps else None
         if generated is not None:
             for i, v in enumerate((generated.block_flops, generated.block_flops_run, generated.total_flops,
