@@ -85,7 +85,11 @@ def batch_policy(path: Path):
     d = _load(path)
     parts = [f"{r['config']} {_pct(-r['cut_vs_tau0_pct'])} time, {r['decode_blocks_no_row_ran_pct']:.0f}% "
              f"blocks no row ran" for r in d["results"] if r["config"] != "tau 0"]
-    return "demo model", f"decode at batch {d['batch']} vs tau 0: " + "; ".join(parts), d["device"], d
+    figure = f"decode at batch {d['batch']} vs tau 0: " + "; ".join(parts)
+    if d.get("batch1"):
+        figure += f"; the same prompts at batch 1: routed {_pct(-d['batch1']['cut_vs_tau0_pct'])} time"
+    model = "demo model" if d["model"].startswith("bundled") else "real model"
+    return model, figure, d["device"], d
 
 
 def grammar_mask(path: Path):

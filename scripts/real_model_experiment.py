@@ -418,6 +418,14 @@ def stage_heldout(args) -> None:
                   "cases": ids, "runs": {},
                   "date": time.strftime("%Y-%m-%d"),
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
+    if args.reuse is not None:                       # tau 0 settings: the batch policy and tau do not touch them
+        other = json.loads(args.reuse.read_text(encoding="utf-8"))
+        if (other.get("cases"), other.get("adapter"), other.get("batch_size", 8)) != (ids, str(adapter), args.batch):
+            raise SystemExit(f"heldout --reuse {args.reuse}: not the same cases, adapter and batch size")
+        for setting in ("base", "lora"):
+            for category, run in other["runs"].get(setting, {}).items():
+                report["runs"].setdefault(setting, {}).setdefault(category, run)
+        report["reused"] = {"from": str(args.reuse), "settings": ["base", "lora"]}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
     order = args.categories or list(heldout)
@@ -738,6 +746,9 @@ def main(argv=None) -> int:
     p.add_argument("--categories", nargs="+", choices=list(HELDOUT600), default=None,
                    help="heldout: the categories to run now, in this order (default: all, in HELDOUT600's)")
     p.add_argument("--batch-q", type=float, default=1.0, help="heldout: the routed setting's batch policy")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="heldout: an eval JSON of the same cases and adapter whose base and lora runs "
+                        "(tau 0: no tau or batch policy applies) are copied in instead of run again")
     p.add_argument("--screen", type=Path, nargs="+", default=None,
                    help="screen: adapter directories, the first the reference (default: the shipped "
                         "adapter, then the run's snapshots)")
