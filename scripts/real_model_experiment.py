@@ -354,11 +354,13 @@ def eval_splits(work: Path, data_dir: Path) -> tuple[dict, dict]:
     return validation, heldout
 
 
-def paired_summary(report: dict) -> dict:
+def paired_summary(report: dict, groups: dict | None = None) -> dict:
     """Per category, over all, over the six tool-call categories and over the categories every
-    setting has completed ("completed", with its "categories"): accuracy of each
-    setting, the FLOPs skipped (generated, prompt, whole request), and the paired comparisons
-    routed - base, lora - base and routed - lora (layerroute_rt.eval.paired)."""
+    setting has completed ("completed", with its "categories"), and over each extra group
+    {name: categories} of `groups`: accuracy of each setting, the FLOPs skipped (generated,
+    prompt, whole request), and the paired comparisons routed - base, lora - base and
+    routed - lora (layerroute_rt.eval.paired)."""
+    extra = groups or {}
     from layerroute_rt.model.flops import FlopsReport
     from layerroute_rt.eval.paired import compare
     runs = report["runs"]
@@ -367,6 +369,7 @@ def paired_summary(report: dict) -> dict:
     groups["all"] = list(HELDOUT600)
     # while it runs: the categories every setting has finished
     groups["completed"] = [c for c in HELDOUT600 if all(c in runs.get(s, {}) for s in ("base", "routed", "lora"))]
+    groups.update(extra)
     out = {}
     for name, cats in groups.items():
         row = {}
@@ -448,29 +451,36 @@ def stage_heldout(args) -> None:
     print(json.dumps(report["summary"]["all"], indent=1))
 
 
-def stage_recount(args) -> None:
-    """A heldout JSON (--out) whose prompt FLOPs charged the lm_head on every prompt token (before
-    flops_report's `head`): each record's prompt total becomes its block FLOPs plus the one lm_head
-    row that prefill computes, then the per-setting figures and the paired summary are computed
-    again from the records. Block FLOPs are untouched, so a rerun changes nothing."""
-    cfg = json.loads((real_model.fetch_model() / "config.json").read_text(encoding="utf-8"))
-    head = 2.0 * cfg["hidden_size"] * cfg["vocab_size"]
+def recount_prompt_head(report: dict, head_flops: float) -> dict:
+    """A heldout report whose prompt FLOPs charged the lm_head on every prompt token (before
+    flops_report's `head`), recounted in place: each record's prompt total becomes its block
+    FLOPs plus one lm_head row (head_flops = 2 x hidden x vocab: prefill computes the prompt's last
+    logits only), then the per-setting figures and the paired summary are computed again from
+    the records. Block FLOPs are untouched, so a second recount changes nothing."""
     from layerroute_rt.model.flops import FlopsReport
-    report = json.loads(args.out.read_text(encoding="utf-8"))
+    keys = ("block", "block_run", "total", "total_run")
     for by_cat in report["runs"].values():
         for run in by_cat.values():
             for r in run["cases"]:
                 f = r["flops"]["prompt"]
-                f["total"], f["total_run"] = f["block"] + head, f["block_run"] + head
-                r["prompt_total_flops_skipped_pct"] = FlopsReport(*(f[k] for k in ("block", "block_run", "total", "total_run"))).total_skipped_pct
+                f["total"], f["total_run"] = f["block"] + head_flops, f["block_run"] + head_flops
+                r["prompt_total_flops_skipped_pct"] = FlopsReport(*(f[k] for k in keys)).total_skipped_pct
             groups = [(run["all"], run["cases"])] + [(fig, [r for r in run["cases"] if r["category"] == c])
                                                       for c, fig in run["categories"].items()]
             for fig, recs in groups:
-                sums = {part: [sum(r["flops"][part][k] for r in recs) for k in ("block", "block_run", "total", "total_run")]
-                        for part in ("prompt", "generated")}
+                sums = {part: [sum(r["flops"][part][k] for r in recs) for k in keys] for part in ("prompt", "generated")}
                 fig["prompt_total_flops_skipped_pct"] = FlopsReport(*sums["prompt"]).total_skipped_pct
                 fig["request_total_flops_skipped_pct"] = FlopsReport(*(a + b for a, b in zip(*sums.values()))).total_skipped_pct
     report["summary"] = paired_summary(report)
+    return report
+
+
+def stage_recount(args) -> None:
+    """recount_prompt_head on the heldout JSON --out, with the real model's lm_head, rewritten
+    atomically."""
+    cfg = json.loads((real_model.fetch_model() / "config.json").read_text(encoding="utf-8"))
+    report = recount_prompt_head(json.loads(args.out.read_text(encoding="utf-8")),
+                                 2.0 * cfg["hidden_size"] * cfg["vocab_size"])
     report["recount"] = ("python scripts/real_model_experiment.py recount --out FILE: prompt FLOPs with the lm_head "
                          "on each prompt's last token only (prefill computes no other logits)")
     checkpoint.atomic_write_json(args.out, report)
