@@ -65,7 +65,8 @@ def plot(all_points: list[dict], group: str, out: Path) -> None:
             name = p["setting"] + (f" (q {p['q']})" if len(labels) > 1 and p["setting"] == "routed" else "")
             text = name if p["setting"] == "base" else \
                 f"{name} {p['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]\n{p['gains']} gained / {p['losses']} lost"
-            ax.annotate(text, (p[part], p["diff"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            ax.annotate(text, (p[part], p["diff"]), textcoords="offset points",
+                        xytext=(6, -22 if p["setting"] == "lora" else 6), fontsize=8)
         ax.axhline(-2.0, color="gray", linestyle="--", linewidth=0.8)
         ax.axhline(0.0, color="gray", linewidth=0.5)
         ax.set_xlabel(f"% total FLOPs skipped ({part}{' tokens' if part != 'request' else ': prompt + generated'})")
