@@ -427,7 +427,8 @@ def stage_heldout(args) -> None:
             raise SystemExit(f"heldout --reuse {args.reuse}: not the same cases, adapter and batch size")
         for setting in ("base", "lora"):
             for category, run in other["runs"].get(setting, {}).items():
-                report["runs"].setdefault(setting, {}).setdefault(category, run)
+                if category in (args.categories or heldout):       # only the categories this run pairs
+                    report["runs"].setdefault(setting, {}).setdefault(category, run)
         report["reused"] = {"from": str(args.reuse), "settings": ["base", "lora"]}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
