@@ -83,11 +83,12 @@ def decode_steps(path: Path):
 
 def batch_policy(path: Path):
     d = _load(path)
-    parts = [f"{r['config']} {_pct(-r['cut_vs_tau0_pct'])} time, {r['decode_blocks_no_row_ran_pct']:.0f}% "
+    cut = "paired_cut_vs_tau0_pct" if "paired_cut_vs_tau0_pct" in d["results"][0] else "cut_vs_tau0_pct"
+    parts = [f"{r['config']} {_pct(-r[cut])} time, {r['decode_blocks_no_row_ran_pct']:.0f}% "
              f"blocks no row ran" for r in d["results"] if r["config"] != "tau 0"]
     figure = f"decode at batch {d['batch']} vs tau 0: " + "; ".join(parts)
     if d.get("batch1"):
-        figure += f"; the same prompts at batch 1: routed {_pct(-d['batch1']['cut_vs_tau0_pct'])} time"
+        figure += f"; the same prompts at batch 1: routed {_pct(-d['batch1'][cut])} time"
     model = "demo model" if d["model"].startswith("bundled") else "real model"
     return model, figure, d["device"], d
 
@@ -128,6 +129,7 @@ ROWS = [
     (request_time, REAL_EVAL / "request_time.json"),
     (decode_steps, RESULTS / "generate_cpu_float32.json"),
     (batch_policy, RESULTS / "batch_policy_cpu.json"),
+    (batch_policy, RESULTS / "batch_policy_real_cpu.json"),
     (grammar_mask, RESULTS / "grammar_mask_real_cpu.json"),
     (serve_load, RESULTS / "serve_load_real_cpu.json"),
     (prefix_cache, RESULTS / "agent_loop_prefix_cache_cpu.json"),

@@ -109,6 +109,10 @@ class LayerRouteConfig:
     kv_policy: "compute" (a skipping token still writes K/V) or "drop" (it is absent).
     gate_lambda: weight of the gate regularization term, lambda * mean(p).
     target_rate: if set, the gate term is (mean(p) - target_rate)^2 instead (a target-rate variant).
+    agree_lambda: weight of the batch-agreement term, lambda x the mean over blocks of the variance
+        of p across the gated tokens (each sequence's p under `sequence`): rows of a decode batch
+        agree on a block when their p lie near the block's mean, so that the batch policy
+        (batch_q) forces few of them. 0 (the default) leaves it out.
     router_init_bias: routers start with weight 0 and this bias, so p starts near 1 (dense).
     """
 
@@ -121,6 +125,7 @@ class LayerRouteConfig:
     gate_lambda: float = 1.0
     target_rate: float | None = None
     router_init_bias: float = 3.0
+    agree_lambda: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -144,6 +149,9 @@ class LayerRouteConfig:
                              f"got {self.kv_policy!r}")
         if self.gate_lambda < 0:
             raise ValueError(f"LayerRouteConfig.gate_lambda must be >= 0, got {self.gate_lambda!r}")
+        if isinstance(self.agree_lambda, bool) or not isinstance(self.agree_lambda, (int, float)) \
+                or not self.agree_lambda >= 0:
+            raise ValueError(f"LayerRouteConfig.agree_lambda must be a number >= 0, got {self.agree_lambda!r}")
         if self.target_rate is not None and not 0.0 <= self.target_rate <= 1.0:
             raise ValueError(f"LayerRouteConfig.target_rate must be in [0, 1], got {self.target_rate!r}")
 

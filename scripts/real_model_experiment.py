@@ -225,7 +225,8 @@ def stage_train(args) -> None:
     from layerroute_rt.train.trainer import TrainConfig, train
     model_dir = real_model.fetch_model()
     cfg = lr.LayerRouteConfig(rank=8, alpha=16, granularity="token", kv_policy="compute",
-                              gate_lambda=args.gate_lambda, target_rate=args.target_rate, tau=0.5)
+                              gate_lambda=args.gate_lambda, target_rate=args.target_rate, tau=0.5,
+                              agree_lambda=args.agree_lambda)
     model = lr.load(model_dir, config=cfg, dtype=torch.float32)
     if args.init_adapter is not None:      # warm start: routers and LoRA from an earlier run
         model.load_adapter(args.init_adapter)
@@ -723,6 +724,8 @@ def main(argv=None) -> int:
                         "weighs 1 + this (argument values: where skipping changes the call)")
     p.add_argument("--target-rate", type=float, default=None,
                    help="train: the gate term is (mean p - TARGET)^2 (p: the run probability)")
+    p.add_argument("--agree-lambda", type=float, default=0.0,
+                   help="train: weight of the batch-agreement term (the per-block variance of p over the tokens)")
     p.add_argument("--self-call-factor", type=float, default=1.0,
                    help="selfcalls: this many times SELF_CALLS questions per category")
     p.add_argument("--teacher", choices=("base", "self"), default="self")

@@ -407,6 +407,32 @@ def test_gate_term_and_loss_mask(tiny_dir):
     assert torch.allclose(t.gate_loss, (t.probs.mean() - 0.25) ** 2)
 
 
+def test_agreement_term_is_the_per_block_variance_of_p(tiny_dir):
+    """agree_loss = mean over blocks of the (population) variance of p over the gated tokens;
+    agree_lambda adds it to the loss; under `sequence` each sequence's p counts once."""
+    model = routed(tiny_dir[0], gate_lambda=0.5, agree_lambda=2.0)
+    x = ids(seed=9)
+    out = model.train_forward(x, labels=x)
+    var = out.probs.flatten(1).var(1, unbiased=False).mean()
+    assert float(out.agree_loss) > 1e-6
+    assert torch.allclose(out.agree_loss, var, rtol=1e-5)
+    assert torch.allclose(out.loss, out.ce + 0.5 * out.gate_loss + 2.0 * out.agree_loss)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, 5:] = True                                    # only these tokens are gated
+    m = model.train_forward(x, labels=x, route_mask=mask)
+    gated = m.probs[:, mask]                               # [L, n]
+    assert torch.allclose(m.agree_loss, gated.var(1, unbiased=False).mean(), rtol=1e-5)
+    off = routed(tiny_dir[0], gate_lambda=0.5)
+    o = off.train_forward(x, labels=x)
+    assert torch.allclose(o.loss, o.ce + 0.5 * o.gate_loss)            # default 0: left out
+    seq = routed(tiny_dir[0], granularity="sequence", agree_lambda=1.0)
+    s_out = seq.train_forward(x, labels=x)
+    assert torch.allclose(s_out.agree_loss, s_out.probs[:, :, 0].var(1, unbiased=False).mean(), rtol=1e-5)
+    for bad in (-1.0, True, "1"):
+        with pytest.raises(ValueError, match="agree_lambda"):
+            lr.LayerRouteConfig(agree_lambda=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapters, parameter counts, errors
 # ---------------------------------------------------------------------------------------------

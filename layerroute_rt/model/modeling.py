@@ -158,7 +158,7 @@ class Backbone(nn.Module):
 @dataclass
 class TrainOutput:
     logits: torch.Tensor | None  # [B, T, vocab] (None with full_logits=False)
-    loss: torch.Tensor | None   # ce + gate_lambda * gate_loss (None without labels)
+    loss: torch.Tensor | None   # ce + gate_lambda * gate_loss + agree_lambda * agree_loss (None without labels)
     ce: torch.Tensor | None     # next-token cross entropy over the loss mask
     gate_loss: torch.Tensor     # mean(p), or (mean(p) - target_rate)^2
     probs: torch.Tensor         # router probabilities [L, B, T] (sequence: broadcast over T)
@@ -166,6 +166,7 @@ class TrainOutput:
     token_ce: torch.Tensor | None = None   # [B, T]: CE of the label at t (0 where not scored)
     scored_logits: torch.Tensor | None = None  # [N, vocab]: the logits of the N scored positions
     distill: torch.Tensor | None = None    # KL(teacher || model) over the scored positions
+    agree_loss: torch.Tensor | None = None  # mean over blocks of the variance of p over the gated tokens
 
 
 class LayerRouteModel(nn.Module):
@@ -347,12 +348,13 @@ class LayerRouteModel(nn.Module):
             probs.append(p)
             executed.append(hard)
         probs_t, executed_t = torch.stack(probs), torch.stack(executed)
-        if lr.granularity == "token":
-            mean_p = (probs_t * route_f).sum() / (route_f.sum().clamp(min=1) * len(self.blocks))
-        else:                                    # one p per sequence: each sequence counts once
-            seqs = route.any(1).float()
-            mean_p = (probs_t[:, :, 0] * seqs).sum() / (seqs.sum().clamp(min=1) * len(self.blocks))
+        # the gated p of each block: every gated token's, or each sequence's once
+        p_l, w = (probs_t, route_f) if lr.granularity == "token" else (probs_t[:, :, 0], route.any(1).float())
+        n = w.sum().clamp(min=1)
+        mean_l = (p_l * w).flatten(1).sum(1) / n                               # [L]
+        mean_p = mean_l.mean()
         gate_loss = mean_p if lr.target_rate is None else (mean_p - lr.target_rate) ** 2
+        agree_loss = (((p_l - mean_l.view(-1, *[1] * (p_l.dim() - 1))) ** 2 * w).flatten(1).sum(1) / n).mean()
         ce = loss = token_ce = scored = distill = None
         logits = self._logits(h) if full_logits or labels is None else None
         if labels is not None:
@@ -372,6 +374,8 @@ class LayerRouteModel(nn.Module):
             token_ce[:, 1:][tgt_mask] = ce_sel
             ce = ce_sel.sum() / tgt_mask.sum().clamp(min=1)
             loss = ce + lr.gate_lambda * gate_loss
+            if lr.agree_lambda > 0:
+                loss = loss + lr.agree_lambda * agree_loss
             if teacher_logits is not None:
                 if teacher_logits.shape != scored.shape:
                     raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal the "
@@ -387,7 +391,7 @@ class LayerRouteModel(nn.Module):
                 distill = kl.sum() / max(kl.numel(), 1)
                 loss = loss + distill_weight * distill
         return TrainOutput(logits, loss, ce, gate_loss, probs_t, executed_t, token_ce,
-                           None if labels is None else scored, distill)
+                           None if labels is None else scored, distill, agree_loss)
 
     def _block_dense(self, block: Block, h, cos, sin, mask) -> torch.Tensor:
         """The whole block on every token of h [B, T, D]; mask [B, Tq, Tk] says who sees whom

@@ -2,8 +2,9 @@
 
 AdamW on the trainable tensors only (routers and LoRA, float32), a cosine schedule with linear
 warm-up, batch x grad-accum micro-batches per optimizer step, loss = CE on the steps' own tokens
-+ gate_lambda x gate term (LayerRouteConfig). bf16 autocast on CUDA. A step whose loss is NaN or
-inf is skipped (no update) and reported; more than `max_bad_steps` stop the run.
++ gate_lambda x gate term (+ agree_lambda x the batch-agreement term; LayerRouteConfig). bf16
+autocast on CUDA. A step whose loss is NaN or inf is skipped (no update) and reported; more than
+`max_bad_steps` stop the run.
 
 Checkpoints are directories written atomically every `checkpoint_every` steps: the adapter
 (model.save_adapter) plus trainer_state.pt (optimizer, schedule, step, data position, RNG).
@@ -302,7 +303,7 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
     for step in bar:
         opt.zero_grad(set_to_none=True)
         lr_now = sched.get_last_lr()[0]
-        totals = torch.zeros(6, dtype=torch.float64)  # loss, ce, gate, skip rate, distill, context skip
+        totals = torch.zeros(7, dtype=torch.float64)  # loss, ce, gate, skip rate, distill, context skip, agree
         micros, weight = _rank_micro_batches(len(examples), step, cfg, world)
         allreduce_bytes[0] = 0
         for m_i, micro in enumerate(micros):
@@ -332,11 +333,12 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
             distill = res.distill.detach() if res.distill is not None else torch.zeros((), device=device)
             totals += torch.stack([res.loss.detach().double(), res.ce.detach().double(),
                                    res.gate_loss.detach().double(), skip.double(),
-                                   distill.double(), skip_ctx.double()]).cpu() * (weight / world.size)
+                                   distill.double(), skip_ctx.double(),
+                                   res.agree_loss.detach().double()]).cpu() * (weight / world.size)
         if world.size > 1:               # the step's means over every rank's examples
             import torch.distributed as dist
             _collective(world, "the log's all-reduce", lambda: dist.all_reduce(totals))
-        loss, ce, gate, skip, distill, skip_ctx = totals.tolist()
+        loss, ce, gate, skip, distill, skip_ctx, agree = totals.tolist()
         # One norm over all gradients: it clips, and it is not finite iff some gradient is not.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         finite = math.isfinite(loss) and bool(torch.isfinite(norm))
@@ -354,6 +356,8 @@ def train(model: LayerRouteModel, examples: Sequence, collate: Callable[[list], 
         row = {"step": step + 1, "loss": loss, "ce": ce, "gate": gate, "skip_rate": skip,
                "context_skip_rate": skip_ctx, "distill": distill, "lr": lr_now,
                "skipped_update": int(not finite)}
+        if model.lr_config.agree_lambda > 0:
+            row["agree"] = agree
         if world.size > 1:
             row["world_size"], row["allreduce_bytes"] = world.size, allreduce_bytes[0]
         if not writer:
