@@ -355,14 +355,22 @@ def eval_splits(work: Path, data_dir: Path) -> tuple[dict, dict]:
     return validation, heldout
 
 
-def paired_summary(report: dict, groups: dict | None = None) -> dict:
+def _flops_parts(recs: list[dict]) -> dict:
+    """The records' FLOPs summed: FlopsReports of the prompt, the generated tokens and the whole
+    request (their sum)."""
+    from layerroute_rt.model.flops import FlopsReport
+    keys = ("block", "block_run", "total", "total_run")
+    sums = {part: [sum(r["flops"][part][k] for r in recs) for k in keys] for part in ("prompt", "generated")}
+    return {"prompt": FlopsReport(*sums["prompt"]), "generated": FlopsReport(*sums["generated"]),
+            "request": FlopsReport(*(a + b for a, b in zip(sums["prompt"], sums["generated"])))}
+
+
+def paired_summary(report: dict, extra: dict | None = None) -> dict:
     """Per category, over all, over the six tool-call categories and over the categories every
     setting has completed ("completed", with its "categories"), and over each extra group
-    {name: categories} of `groups`: accuracy of each setting, the FLOPs skipped (generated,
+    {name: categories} of `extra`: accuracy of each setting, the FLOPs skipped (generated,
     prompt, whole request), and the paired comparisons routed - base, lora - base and
     routed - lora (layerroute_rt.eval.paired)."""
-    extra = groups or {}
-    from layerroute_rt.model.flops import FlopsReport
     from layerroute_rt.eval.paired import compare
     runs = report["runs"]
     groups = {c: [c] for c in HELDOUT600}
@@ -370,7 +378,7 @@ def paired_summary(report: dict, groups: dict | None = None) -> dict:
     groups["all"] = list(HELDOUT600)
     # while it runs: the categories every setting has finished
     groups["completed"] = [c for c in HELDOUT600 if all(c in runs.get(s, {}) for s in ("base", "routed", "lora"))]
-    groups.update(extra)
+    groups.update(extra or {})
     out = {}
     for name, cats in groups.items():
         row = {}
@@ -383,10 +391,8 @@ def paired_summary(report: dict, groups: dict | None = None) -> dict:
                 continue
             recs = [r for c in cats for r in by_cat[c]["cases"]]
             records[setting] = {r["id"]: r for r in recs}
-            sums = {part: [sum(r["flops"][part][k] for r in recs) for k in ("block", "block_run", "total", "total_run")]
-                    for part in ("prompt", "generated")}
-            request = FlopsReport(*(a + b for a, b in zip(sums["prompt"], sums["generated"])))
-            gen, prompt = FlopsReport(*sums["generated"]), FlopsReport(*sums["prompt"])
+            parts = _flops_parts(recs)
+            gen, prompt, request = parts["generated"], parts["prompt"], parts["request"]
             row[setting] = {"n": len(recs), "correct": sum(r["correct"] for r in recs),
                             "accuracy": sum(r["correct"] for r in recs) / len(recs),
                             "generated_total_flops_skipped_pct": gen.total_skipped_pct,
@@ -423,7 +429,10 @@ def stage_heldout(args) -> None:
                   "date": time.strftime("%Y-%m-%d"),
                   "command": "python scripts/real_model_experiment.py " + " ".join(sys.argv[1:])}
     if args.reuse is not None:                       # tau 0 settings: the batch policy and tau do not touch them
-        other = json.loads(args.reuse.read_text(encoding="utf-8"))
+        try:
+            other = json.loads(args.reuse.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"heldout --reuse {args.reuse}: cannot read it: {e}")
         if (other.get("cases"), other.get("adapter"), other.get("batch_size", 8)) != (ids, str(adapter), args.batch):
             raise SystemExit(f"heldout --reuse {args.reuse}: not the same cases, adapter and batch size")
         for setting in ("base", "lora"):
@@ -470,9 +479,9 @@ def recount_prompt_head(report: dict, head_flops: float) -> dict:
             groups = [(run["all"], run["cases"])] + [(fig, [r for r in run["cases"] if r["category"] == c])
                                                       for c, fig in run["categories"].items()]
             for fig, recs in groups:
-                sums = {part: [sum(r["flops"][part][k] for r in recs) for k in keys] for part in ("prompt", "generated")}
-                fig["prompt_total_flops_skipped_pct"] = FlopsReport(*sums["prompt"]).total_skipped_pct
-                fig["request_total_flops_skipped_pct"] = FlopsReport(*(a + b for a, b in zip(*sums.values()))).total_skipped_pct
+                parts = _flops_parts(recs)
+                fig["prompt_total_flops_skipped_pct"] = parts["prompt"].total_skipped_pct
+                fig["request_total_flops_skipped_pct"] = parts["request"].total_skipped_pct
     report["summary"] = paired_summary(report)
     return report
 
@@ -480,6 +489,8 @@ def recount_prompt_head(report: dict, head_flops: float) -> dict:
 def stage_recount(args) -> None:
     """recount_prompt_head on the heldout JSON --out, with the real model's lm_head, rewritten
     atomically."""
+    if args.out is None or not args.out.is_file():
+        raise SystemExit(f"recount: --out must name an existing heldout JSON, got {args.out}")
     cfg = json.loads((real_model.fetch_model() / "config.json").read_text(encoding="utf-8"))
     report = recount_prompt_head(json.loads(args.out.read_text(encoding="utf-8")),
                                  2.0 * cfg["hidden_size"] * cfg["vocab_size"])

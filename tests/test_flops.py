@@ -87,6 +87,8 @@ def test_head_counts_only_the_tokens_whose_logits_are_computed():
                            head=torch.ones(2, 3, dtype=torch.bool)).total_flops == every.total_flops
     assert not lr.model.flops.last_tokens(torch.zeros(1, 4, dtype=torch.bool)).any()
     assert lr.model.flops.last_tokens(torch.tensor([[True, True, False]])).tolist() == [[False, True, False]]
+    with pytest.raises(ValueError, match=r"head must be a \[B, T\] mask"):
+        lr.flops_report(CFG, lr.LayerRouteConfig(), executed, context, valid, head=last[:, :2])
 
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -4,10 +4,11 @@ Matmul FLOPs per token per block = 2 x (block weight count) + attention 4 x cont
 (QK^T and AV). A token that skips a block saves all of it except, under kv_policy "compute",
 its k/v projections (2 x 2 x hidden x kv_dim), and it always pays its router (2 x hidden; under
 `sequence` granularity the router runs once per sequence and block instead).
-Total forward FLOPs add the lm_head (2 x hidden x vocab) for each token whose logits are computed:
-every token of a teacher-forced forward, but one per sequence at prefill (its last prompt token)
-and one per token a decode step feeds (`head`, with `last_tokens` for prefill). LoRA is counted merged into
-the frozen weights (as the inference path runs it), so it adds no FLOPs here.
+Total forward FLOPs add the lm_head (2 x hidden x vocab) for each token whose logits are
+computed: every token of a teacher-forced forward, but one per sequence at prefill (its last
+prompt token) and one per token a decode step feeds (`head`, with `last_tokens` for prefill).
+LoRA is counted merged into the frozen weights (as the inference path runs it), so it adds no
+FLOPs here.
 """
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def flops_report(backbone: BackboneConfig, lr: LayerRouteConfig, executed: torch
     block_run = 2.0 * weights * ran_tokens + 4.0 * backbone.q_dim * ran_ctx + router
     if lr.kv_policy == "compute":
         block_run += kv_proj * skipped_tokens
+    if head is not None and tuple(head.shape) != tuple(valid.shape):
+        raise ValueError(f"flops_report: head must be a [B, T] mask like valid {tuple(valid.shape)}, "
+                         f"got {tuple(head.shape)}")
     head_tokens = n_tokens if head is None else float((head.bool() & valid).sum())
     head = 2.0 * d * backbone.vocab_size * head_tokens
     block_dense = per_block_dense * layers
