@@ -584,6 +584,31 @@ def validation_base_answers(args, validation) -> dict:
     return records
 
 
+BATCH_QS = (1.0, 0.75, 0.5)
+
+
+def batch_skip(executed: list[torch.Tensor], batch: int, qs=BATCH_QS) -> dict:
+    """How often the rows of a batch agree to skip, teacher-forced: `executed` holds each case's
+    [L, A] block decisions (True: ran) at the tokens decode processes. Cases are grouped in order
+    into batches of `batch` (a last short group is dropped); at each position j below the group's
+    shortest answer, a (position, block) pair counts as skipped for the batch at q when at least
+    q x batch of its rows skip the block, as generate's batch_q does. Returns the fraction of
+    pairs so skipped for each q ("q=1", ...) and "row": the rows' own skip rate over the same
+    pairs (what a batch of one skips)."""
+    groups = [executed[g:g + batch] for g in range(0, len(executed) - batch + 1, batch)]
+    if not groups:
+        raise ValueError(f"batch_skip: needs at least batch={batch} cases, got {len(executed)}")
+    pairs, rows, hits = 0, 0.0, {q: 0 for q in qs}
+    for group in groups:
+        n = min(e.shape[1] for e in group)
+        skipped = torch.stack([~e[:, :n] for e in group]).sum(0)       # [L, n]: rows that skip
+        pairs += skipped.numel()
+        rows += float(skipped.sum()) / batch
+        for q in qs:
+            hits[q] += int((skipped >= q * batch).sum())
+    return {"row": rows / pairs, **{f"q={q:g}": hits[q] / pairs for q in qs}, "pairs": pairs}
+
+
 def stage_screen(args) -> None:
     """Screening (SCREEN_RULE, steps 1-2): each adapter of --screen (default: the run's
     snapshots, and the shipped adapter as the reference) teacher-forced on the base's greedy
@@ -601,6 +626,7 @@ def stage_screen(args) -> None:
     for c in cases:
         answer = tok.encode(answers[c.id]["text"], add_special_tokens=False) + [eos]
         seqs.append((render_prompt(tok, c), answer))
+    batch_order = random.Random(0).sample(range(len(seqs)), len(seqs))
     adapters = args.screen or [SHIPPED / "adapter", *sorted((args.work / args.run / "snapshots").iterdir())]
     tau = 0.5 if args.tau is None else args.tau
     out_path = args.out or args.work / args.run / "screen.json"
@@ -614,12 +640,14 @@ def stage_screen(args) -> None:
         model = lr.load(model_dir, adapter=adapter, dtype=torch.float32)
         sums = {part: [0.0] * 4 for part in ("prompt", "answer", "request")}
         agree = total = 0
+        decode_executed = []
         with torch.no_grad():
             for prompt, answer in seqs:
                 ids = torch.tensor([prompt + answer])
                 out = model.train_forward(ids, tau=tau, full_logits=True)
                 executed = out.executed                                  # [L, 1, T]
                 T, P = ids.shape[1], len(prompt)
+                decode_executed.append(executed[:, 0, P:T - 1])   # decode's inputs: the answer but its last
                 pred = out.logits[0, P - 1:T - 1].argmax(-1)
                 agree += int((pred == ids[0, P:]).sum())
                 total += len(answer)
@@ -632,7 +660,9 @@ def stage_screen(args) -> None:
                         sums[part][i] += v
         row = {"adapter": str(adapter), "tau": tau, "agreement": agree / total, "answer_tokens": total,
                **{f"{part}_total_flops_skipped_pct": FlopsReport(*v).total_skipped_pct for part, v in sums.items()},
-               "request_block_flops_skipped_pct": FlopsReport(*sums["request"]).block_skipped_pct}
+               "request_block_flops_skipped_pct": FlopsReport(*sums["request"]).block_skipped_pct,
+               # the cases in a fixed random order, so that a batch mixes categories as a server's does
+               f"batch{args.batch}_skip": batch_skip([decode_executed[i] for i in batch_order], args.batch)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         kept = {**done, **{(r["adapter"], r["tau"]): r for r in rows}}

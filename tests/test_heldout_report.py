@@ -93,3 +93,18 @@ def test_plot_over_the_same_categories_of_several_files(scripts, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no 'nope' group"):
         plot.points({**q1, "summary": {}}, "nope")
+
+
+def test_batch_skip_counts_by_hand(scripts):
+    exp, _ = scripts
+    import torch
+    T, F = True, False
+    executed = [torch.tensor([[T, F, F], [F, F, T]]),      # case 0: [L=2, 3 answer tokens], True = ran
+                torch.tensor([[F, F], [F, T]]),            # case 1: 2 tokens, so the group has 2 positions
+                torch.tensor([[F], [F]])]                  # case 2: a short last group, dropped
+    # rows skipping each (block, position): [[1, 2], [2, 1]] over 4 pairs
+    got = exp.batch_skip(executed, batch=2)
+    assert got == {"row": 0.75, "q=1": 0.5, "q=0.75": 0.5, "q=0.5": 1.0, "pairs": 4}
+    assert exp.batch_skip(executed, batch=1)["q=1"] == pytest.approx(exp.batch_skip(executed, batch=1)["row"])
+    with pytest.raises(ValueError, match="at least batch=4"):
+        exp.batch_skip(executed, batch=4)
