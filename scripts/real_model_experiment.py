@@ -433,13 +433,15 @@ def stage_heldout(args) -> None:
             other = json.loads(args.reuse.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"heldout --reuse {args.reuse}: cannot read it: {e}")
-        if (other.get("cases"), other.get("adapter"), other.get("batch_size", 8)) != (ids, str(adapter), args.batch):
-            raise SystemExit(f"heldout --reuse {args.reuse}: not the same cases, adapter and batch size")
-        for setting in ("base", "lora"):
+        if (other.get("cases"), other.get("batch_size", 8)) != (ids, args.batch):
+            raise SystemExit(f"heldout --reuse {args.reuse}: not the same cases and batch size")
+        # the frozen base does not read the adapter; the LoRA at tau 0 is reused from the same adapter only
+        reused = ("base", "lora") if other.get("adapter") == str(adapter) else ("base",)
+        for setting in reused:
             for category, run in other["runs"].get(setting, {}).items():
                 if category in (args.categories or heldout):       # only the categories this run pairs
                     report["runs"].setdefault(setting, {}).setdefault(category, run)
-        report["reused"] = {"from": str(args.reuse), "settings": ["base", "lora"]}
+        report["reused"] = {"from": str(args.reuse), "settings": list(reused)}
     model = lr.load(real_model.fetch_model(), adapter=adapter, dtype=torch.float32)
     report["layerroute_config"] = model.lr_config.to_dict()
     order = args.categories or list(heldout)
