@@ -90,6 +90,8 @@ def batch_policy(path: Path):
     if d.get("batch1"):
         figure += f"; the same prompts at batch 1: routed {_pct(-d['batch1'][cut])} time"
     model = "demo model" if d["model"].startswith("bundled") else "real model"
+    if "/runs/real/" in (d.get("adapter") or ""):      # a trained run's snapshot, not the shipped adapter
+        model += ", run " + d["adapter"].split("/runs/real/")[1].replace("/snapshots/", " ")
     return model, figure, d["device"], d
 
 
@@ -130,6 +132,7 @@ ROWS = [
     (decode_steps, RESULTS / "generate_cpu_float32.json"),
     (batch_policy, RESULTS / "batch_policy_cpu.json"),
     (batch_policy, RESULTS / "batch_policy_real_cpu.json"),
+    (batch_policy, RESULTS / "batch_policy_real_cpu_run_l.json"),
     (grammar_mask, RESULTS / "grammar_mask_real_cpu.json"),
     (serve_load, RESULTS / "serve_load_real_cpu.json"),
     (prefix_cache, RESULTS / "agent_loop_prefix_cache_cpu.json"),

@@ -38,7 +38,9 @@ def points(report: dict, group: str, categories: list[str] | None = None) -> lis
                          f"(groups: {sorted(report['summary'])})")
     tau = report["tau"] if report.get("tau") is not None else report.get("layerroute_config", {}).get("tau")
     q = report.get("batch_q", 1.0)
-    label = f"adapter {'/'.join(Path(report['adapter']).parts[-2:])}, tau {tau}, q {q}, " \
+    parts = Path(report["adapter"]).parts
+    name = "/".join(parts[-3:] if len(parts) > 2 and parts[-2] == "snapshots" else parts[-2:])   # a run's snapshot: its run too
+    label = f"adapter {name}, tau {tau}, q {q}, " \
             f"batch {report.get('batch_size', 8)}"
     out = [{"setting": "base", "label": label, "q": q, "diff": 0.0, "ci": [0.0, 0.0], "n": row["base"]["n"],
             **{k: row["base"][f"{k}_total_flops_skipped_pct"] for k in ("request", "prompt", "generated")}}]
